@@ -1,0 +1,3 @@
+from kmim.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `kmim` command line: thin typer commands over the importable functions of the package."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from kmim import __version__
+from kmim.cli.data import data_app
+from kmim.errors import KmimError
+
+app = typer.Typer(
+    name="kmim",
+    help="K-MIM at scale: K-means discrete tokens for masked image modeling.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kmim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main() -> None:
+    """Entry point: user-facing errors print as one line and exit 2, without a traceback."""
+    try:
+        app()
+    except KmimError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

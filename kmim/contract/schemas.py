@@ -1,0 +1,117 @@
+"""On-disk formats shared by the pipeline and the trainer. Each carries FORMAT_VERSION.
+
+See docs/FORMATS.md for the prose version of this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from kmim import fs
+from kmim.errors import InputError
+
+FORMAT_VERSION = 1
+
+# --- shard index (`shards.json`) -------------------------------------------------------------------
+
+INDEX_NAME = "shards.json"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard in an index. `url` is relative to the index's folder unless it holds `://`."""
+
+    url: str
+    samples: int
+    bytes: int
+    sha256: str
+    split: str | None = None
+
+
+@dataclass
+class ShardIndex:
+    shards: list[ShardEntry] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "total_samples": self.total_samples,
+            "shards": [{k: v for k, v in asdict(s).items() if v is not None} for s in self.shards],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str) -> ShardIndex:
+        if not isinstance(d, dict) or "shards" not in d:
+            raise InputError(where, "not a shard index: no 'shards' list")
+        version = d.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise InputError(where, f"format_version {version} is newer than this kmim understands")
+        try:
+            shards = [
+                ShardEntry(
+                    url=s["url"], samples=int(s["samples"]), bytes=int(s["bytes"]),
+                    sha256=s["sha256"], split=s.get("split"),
+                )
+                for s in d["shards"]
+            ]
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(where, f"malformed shard entry ({e!r})") from None
+        return cls(shards=shards, format_version=version)
+
+    def write(self, url: str) -> None:
+        fs.write_json_atomic(url, self.to_json())
+
+    @classmethod
+    def read(cls, url: str) -> ShardIndex:
+        return cls.from_json(fs.read_json(url), url)
+
+
+# --- patch features (Parquet, one file per input shard) --------------------------------------------
+
+FEATURE_COLUMNS = ("key", "label", "patch", "feature")
+FEATURE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def feature_schema(dim: int, dtype: str) -> pa.Schema:
+    """key: sample key; label: class id or null; patch: index in patchify order; feature: [dim]."""
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("label", pa.int32(), nullable=True),
+            pa.field("patch", pa.int32(), nullable=False),
+            pa.field("feature", pa.list_(FEATURE_DTYPES[dtype], dim), nullable=False),
+        ],
+        metadata={"kmim_format_version": str(FORMAT_VERSION)},
+    )
+
+
+# --- codebook (`codebook.safetensors` + `codebook.json`) -------------------------------------------
+
+CODEBOOK_TENSOR = "centers"  # float32 [K, D]
+CODEBOOK_WEIGHTS = "codebook.safetensors"
+CODEBOOK_META = "codebook.json"
+
+# --- token shards (WebDataset tars) -----------------------------------------------------------------
+# Per sample, with the same key and order as the input shard:
+#   <key>.<ext>         source image bytes, passed through unchanged
+#   <key>.cls           label as ASCII decimal (when the input has one)
+#   <key>.tokens.npy    token ids [V, H/p, W/p], uint16 when K <= 65535 else int32
+#   <key>.views.json    list of V recorded ViewParams
+
+TOKENS_MEMBER = "tokens.npy"
+VIEWS_MEMBER = "views.json"
+LABEL_MEMBER = "cls"
+
+
+def token_dtype(k: int) -> np.dtype:
+    return np.dtype(np.uint16) if k <= 65535 else np.dtype(np.int32)

@@ -1,0 +1,1 @@
+"""The DDP masked-image-modeling trainer (`kmim train`), installed as `kmim.trainer`."""
