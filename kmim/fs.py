@@ -87,6 +87,15 @@ class HashingWriter:
     def hexdigest(self) -> str:
         return self.sha256.hexdigest()
 
+    # pyarrow's writers probe `closed` and call `close()`; the real file is closed by `atomic_open`.
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
 
 @contextlib.contextmanager
 def atomic_open(url: str) -> Iterator[HashingWriter]:

@@ -23,3 +23,22 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     write_digits(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray on 127.0.0.1 with 2 CPUs for the whole session; stages reuse it."""
+    from kmim.pipeline.ray_runtime import ray_session
+
+    with ray_session(num_cpus=2) as resources:
+        yield resources
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """60 synthetic 32x32 images with labels, 5 classes, in 4 shards of 15."""
+    from kmim.data.synthetic import SyntheticConfig, write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(str(out), SyntheticConfig(num_images=60, image_size=32, classes=5, shard_size=15))
+    return out

@@ -9,6 +9,7 @@ import typer
 
 from kmim import __version__
 from kmim.cli.data import data_app
+from kmim.cli.pipeline import pipeline_app
 from kmim.errors import KmimError
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 def _version(value: bool) -> None:

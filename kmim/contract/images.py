@@ -37,11 +37,11 @@ def decode_rgb(data: bytes) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty image (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})")
-            return to_rgb(img).copy()
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decodes now, so corrupt data fails here and not in a later stage
+        if img.width < 1 or img.height < 1:
+            raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})")
+        return to_rgb(img)
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

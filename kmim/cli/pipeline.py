@@ -1,0 +1,40 @@
+"""`kmim pipeline ...`: the Ray stages."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+pipeline_app = typer.Typer(help="K-MIM pipeline stages on Ray: extract -> cluster -> tokenize.", no_args_is_help=True)
+
+ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray on 127.0.0.1)."
+
+
+@pipeline_app.command("extract")
+def extract(
+    input: str = typer.Argument(..., help="Dataset: shards dir, brace pattern, shards.json, tar, or image folder."),
+    output: str = typer.Argument(..., help="Output folder or fsspec URL for the feature files."),
+    extractor: str = typer.Option("pixel", help="'pixel' or 'timm:MODEL' (any timm ViT)."),
+    weights: Optional[str] = typer.Option(None, help="timm weights: local path or fsspec URL (.safetensors, .pth)."),
+    image_size: int = typer.Option(224, help="Side of view 0 (Resize + CenterCrop)."),
+    patch_size: int = typer.Option(16, help="Patch side in pixels."),
+    crop_pct: float = typer.Option(0.875, help="Center-crop share of view 0, as in MAE evaluation."),
+    patches_per_image: Optional[int] = typer.Option(None, help="Keep a deterministic sample of N patches per image."),
+    dtype: str = typer.Option("float16", help="Stored feature type: float16 or float32."),
+    seed: int = typer.Option(0, help="Seed of the patch sample."),
+    batch_size: int = typer.Option(64, help="Images per extractor call."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray actor (bf16 autocast on GPU)."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs per Ray actor."),
+    max_retries: int = typer.Option(2, help="Retries of a failed shard before it is reported."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Per-patch features of every image, one Ray actor call per input shard; resumable."""
+    from kmim.pipeline.extract import ExtractConfig, extract as run, summary_line
+
+    config = ExtractConfig(extractor=extractor, weights=weights, image_size=image_size, patch_size=patch_size,
+                           crop_pct=crop_pct, patches_per_image=patches_per_image, dtype=dtype, seed=seed,
+                           batch_size=batch_size, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                           max_retries=max_retries)
+    result = run(input, output, config, address)
+    typer.echo(summary_line(result.manifest, output, ran=result.ran))

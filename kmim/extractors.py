@@ -1,0 +1,181 @@
+"""Patch feature extractors: `pixel` (the identity on normalised patches) and `timm:MODEL` (a ViT).
+
+Both take the uint8 views [B, S, S, 3] of the shared contract and return float32 features
+[B, L, D] in patchify order. Shared by the extract and tokenize stages and by the trainer's `online`
+targets, so that a codebook is always applied with the extractor it was built from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from kmim import fs
+from kmim.contract.manifest import digest
+from kmim.contract.patches import grid_size, patchify
+from kmim.contract.views import normalize
+from kmim.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """What produces the features; its fingerprint ties codebooks and tokens to it."""
+
+    name: str  # "pixel" or "timm:<model name>"
+    image_size: int
+    patch_size: int
+    weights: str | None = None  # local path or fsspec URL (.safetensors, or .pth/.pt loaded weights_only)
+    weights_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name != "pixel" and not (self.name.startswith("timm:") and len(self.name) > 5):
+            raise ConfigError(f"extractor must be 'pixel' or 'timm:MODEL', got {self.name!r}")
+        if self.name == "pixel" and self.weights:
+            raise ConfigError("the pixel extractor takes no weights")
+        try:
+            grid_size(self.image_size, self.patch_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.model_name is not None:
+            import timm
+
+            if not timm.is_model(self.model_name):
+                raise ConfigError(f"timm has no model called {self.model_name!r}")
+
+    @property
+    def model_name(self) -> str | None:
+        return self.name[5:] if self.name.startswith("timm:") else None
+
+    @property
+    def fingerprint(self) -> str:
+        ident = asdict(self)
+        ident.pop("weights")  # where the file lives does not matter, its content does
+        return digest(ident)
+
+    def with_weights_hash(self) -> ExtractorSpec:
+        """The same spec with the weights file hashed (done once, on the driver)."""
+        if not self.weights or self.weights_sha256:
+            return self
+        if not fs.exists(self.weights):
+            raise InputError(self.weights, "weights file not found")
+        return ExtractorSpec(self.name, self.image_size, self.patch_size, self.weights, fs.sha256_of(self.weights))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ExtractorSpec:
+        return cls(d["name"], int(d["image_size"]), int(d["patch_size"]), d.get("weights"), d.get("weights_sha256"))
+
+
+class PixelExtractor:
+    """K-MIM PIXEL: a patch's feature is its normalised pixels (p*p*3 values).
+
+    Equal, bit for bit, to `patchify(normalize(views))`, computed as a lookup: uint8 patches index a
+    [256, 3] table made by `normalize` itself (3x faster than normalising every pixel in float).
+    """
+
+    def __init__(self, spec: ExtractorSpec):
+        self.spec = spec
+        self.dim = spec.patch_size**2 * 3
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 256, 1, 1).expand(1, 256, 1, 3)
+        self.table = normalize(levels.contiguous())[0, :, :, 0].T.contiguous().numpy()  # [256, 3]
+        self.channel = np.arange(self.dim) % 3  # patchify puts the channel last: (p, q, c)
+
+    def __call__(self, views: np.ndarray) -> torch.Tensor:
+        n, side, _, c = views.shape
+        p, g = self.spec.patch_size, side // self.spec.patch_size
+        patches = views.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, p * p * c)
+        return torch.from_numpy(self.table[patches, self.channel])  # [B, L, p*p*3] float32
+
+
+def load_state_dict(url: str) -> dict[str, torch.Tensor]:
+    """Weights from a local path or fsspec URL, never unpickling arbitrary objects."""
+    filesystem, path = fs.get_fs(url)
+    suffix = os.path.splitext(path)[1].lower()
+    with contextlib.ExitStack() as stack:
+        local = path
+        if fs.protocol_of(filesystem) not in ("file", "local"):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            local = os.path.join(tmp, "weights" + suffix)
+            filesystem.get(path, local)
+        try:
+            if suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                sd = load_file(local)
+            else:
+                sd = torch.load(local, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any loader failure is a bad file for the user
+            raise InputError(url, f"cannot load weights ({type(e).__name__}: {e})") from None
+    for wrapper in ("model", "state_dict", "teacher", "module"):  # common checkpoint wrappers (DINO: teacher)
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    prefixes = ("module.", "backbone.", "encoder.")
+    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in sd.items() if torch.is_tensor(v)}
+
+
+class TimmExtractor:
+    """Patch tokens of the last block (after the final norm) of any timm ViT, prefix tokens removed."""
+
+    def __init__(self, spec: ExtractorSpec, device: str = "cpu"):
+        import timm
+
+        self.spec = spec
+        self.device = torch.device(device)
+        try:
+            # Without weights the model is a random init; seeding it makes every worker build the same one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = timm.create_model(spec.model_name, pretrained=False, num_classes=0, img_size=spec.image_size)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"cannot build timm model {spec.model_name!r}: {e}") from None
+        model_patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if model_patch is None or not hasattr(model, "num_prefix_tokens"):
+            raise ConfigError(f"timm model {spec.model_name!r} is not a ViT with patch tokens")
+        if tuple(model_patch) != (spec.patch_size, spec.patch_size):
+            raise ConfigError(f"timm model {spec.model_name!r} has patch size {model_patch[0]}, not {spec.patch_size}")
+        if spec.weights:
+            self._load(model, spec.weights)
+        else:
+            log.warning("timm extractor %s has no --weights: features of a random init (seed %d)",
+                        spec.model_name, RANDOM_INIT_SEED)
+        self.model = model.eval().to(self.device)
+        self.dim = model.num_features
+
+    @staticmethod
+    def _load(model: torch.nn.Module, url: str) -> None:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sd = load_state_dict(url)
+        try:
+            sd = checkpoint_filter_fn(sd, model)  # resamples position embeddings, converts known layouts
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise InputError(url, f"weights do not fit the model: {str(e).strip().splitlines()[-1]}") from None
+        missing = [k for k in missing if not k.startswith(("head", "fc_norm"))]
+        if missing:
+            raise InputError(url, f"weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            log.info("ignoring %d unexpected keys in %s (e.g. %s)", len(unexpected), url, unexpected[:3])
+
+    @torch.inference_mode()
+    def __call__(self, views: np.ndarray) -> torch.Tensor:
+        x = normalize(torch.from_numpy(views).to(self.device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            tokens = self.model.forward_features(x)  # [B, prefix + L, D]
+        return tokens[:, self.model.num_prefix_tokens :].float().cpu()  # [B, L, D]
+
+
+def build_extractor(spec: ExtractorSpec, device: str = "cpu") -> PixelExtractor | TimmExtractor:
+    return PixelExtractor(spec) if spec.name == "pixel" else TimmExtractor(spec, device)
