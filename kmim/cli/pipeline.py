@@ -38,3 +38,30 @@ def extract(
                            max_retries=max_retries)
     result = run(input, output, config, address)
     typer.echo(summary_line(result.manifest, output, ran=result.ran))
+
+
+@pipeline_app.command("cluster")
+def cluster(
+    features: str = typer.Argument(..., help="A finished `kmim pipeline extract` output."),
+    output: str = typer.Argument(..., help="Output folder or fsspec URL for the codebook."),
+    k: int = typer.Option(..., "--k", help="Number of centers (codebook size)."),
+    epochs: int = typer.Option(20, help="Full passes over all features (the paper's unit)."),
+    init: str = typer.Option("kmeans++", help="kmeans++ (on a sample), kmeans-parallel (k-means||), or random."),
+    sample_for_init: int = typer.Option(65536, help="Points sampled for k-means++."),
+    spherical: bool = typer.Option(False, "--spherical", help="Cosine k-means: unit-normalise features and centers."),
+    minibatch: Optional[int] = typer.Option(None, help="Mini-batch k-means (Sculley) with this batch size."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    tol: float = typer.Option(0.0, help="Stop when the relative inertia gain of an epoch falls below this."),
+    init_from: Optional[str] = typer.Option(None, help="Start from given centers: a codebook folder or .safetensors."),
+    workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per CPU or GPU, at most one per file)."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per actor (faiss GPU index)."),
+    memory_per_worker_gb: Optional[float] = typer.Option(None, help="Cache features in memory up to this size, else stream."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """A codebook of K centers by exact distributed Lloyd epochs on Ray + faiss; resumable."""
+    from kmim.pipeline.cluster import ClusterConfig, cluster as run, summary_line
+
+    config = ClusterConfig(k=k, epochs=epochs, init=init, sample_for_init=sample_for_init, spherical=spherical,
+                           minibatch=minibatch, seed=seed, tol=tol, init_from=init_from, num_workers=workers,
+                           gpus_per_worker=gpus_per_worker, memory_per_worker_gb=memory_per_worker_gb)
+    typer.echo(summary_line(run(features, output, config, address), output))

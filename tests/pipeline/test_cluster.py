@@ -1,0 +1,165 @@
+"""`kmim pipeline cluster` on a real local Ray with real faiss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kmim.errors import ConfigError, InputError
+from kmim.pipeline.cluster import ClusterConfig, cluster, load_codebook
+from tests.pipeline.features_helper import blobs, write_feature_set
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TRUE = np.array([[0, 0, 0, 0], [10, 0, 0, 0], [0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def blob_features(tmp_path_factory):
+    x = blobs(400, TRUE, 0.5, seed=0)
+    return write_feature_set(str(tmp_path_factory.mktemp("blobs")), np.array_split(x, 4)), x
+
+
+def _match(centers, truth):
+    return np.sort(np.sqrt(((centers[:, None] - truth[None]) ** 2).sum(-1)).min(0))
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "kmeans-parallel", "random"])
+def test_recovers_the_true_centers_of_separated_blobs(blob_features, tmp_path, init):
+    feats, x = blob_features
+    result = cluster(feats, str(tmp_path / "c"), ClusterConfig(k=5, epochs=15, init=init, seed=3))
+    centers, meta = load_codebook(str(tmp_path / "c"))
+    if init == "random":  # Lloyd from random seeds may merge two blobs; it must still lower the inertia
+        assert meta["inertia_per_epoch"][-1] <= meta["inertia_per_epoch"][0]
+    else:
+        assert _match(centers, TRUE).max() < 0.1
+        assert sorted(meta["cluster_sizes"]) == [400] * 5
+    assert meta["k"] == 5 and meta["dim"] == 4 and meta["epochs_run"] == 15 and len(meta["seconds_per_epoch"]) == 15
+    assert meta["extractor"]["name"] == "pixel" and meta["view"]["patch_size"] == 4
+    assert result.manifest.stats["points"] == 2000 and not (tmp_path / "c" / "_checkpoint.safetensors").exists()
+
+
+def test_same_seed_same_codebook_and_two_workers_equal_one(blob_features, tmp_path):
+    feats, _ = blob_features
+    runs = {}
+    for name, workers, seed in [("a", 1, 0), ("b", 1, 0), ("c", 2, 0), ("d", 2, 1)]:
+        cluster(feats, str(tmp_path / name), ClusterConfig(k=8, epochs=6, seed=seed, num_workers=workers))
+        runs[name] = load_codebook(str(tmp_path / name))
+    assert np.array_equal(runs["a"][0], runs["b"][0])
+    assert runs["a"][1]["workers"] == 1 and runs["c"][1]["workers"] == 2
+    np.testing.assert_allclose(runs["a"][0], runs["c"][0], rtol=1e-6, atol=1e-6)
+    assert runs["a"][1]["cluster_sizes"] == runs["c"][1]["cluster_sizes"]
+    assert not np.allclose(runs["a"][0], runs["d"][0])
+
+
+def test_parallel_init_does_not_depend_on_the_number_of_workers(blob_features, tmp_path):
+    feats, _ = blob_features
+    for name, workers in [("one", 1), ("two", 2)]:
+        cluster(feats, str(tmp_path / name), ClusterConfig(k=5, epochs=1, init="kmeans-parallel", num_workers=workers))
+    np.testing.assert_allclose(load_codebook(str(tmp_path / "one"))[0], load_codebook(str(tmp_path / "two"))[0], rtol=1e-5)
+
+
+def test_streamed_equals_in_memory(blob_features, tmp_path):
+    feats, _ = blob_features
+    cluster(feats, str(tmp_path / "mem"), ClusterConfig(k=5, epochs=4))
+    cluster(feats, str(tmp_path / "stream"), ClusterConfig(k=5, epochs=4, memory_per_worker_gb=0.0))
+    np.testing.assert_allclose(load_codebook(str(tmp_path / "mem"))[0], load_codebook(str(tmp_path / "stream"))[0], rtol=1e-6)
+
+
+def test_spherical_and_minibatch(blob_features, tmp_path):
+    feats, _ = blob_features
+    cluster(feats, str(tmp_path / "s"), ClusterConfig(k=4, epochs=3, spherical=True))
+    centers, _ = load_codebook(str(tmp_path / "s"))
+    assert np.allclose(np.linalg.norm(centers, axis=1), 1, atol=1e-5)
+    cluster(feats, str(tmp_path / "m"), ClusterConfig(k=5, epochs=3, minibatch=256))
+    centers, meta = load_codebook(str(tmp_path / "m"))
+    assert _match(centers, TRUE).max() < 0.5 and meta["minibatch"] == 256
+
+
+def test_empty_clusters_are_reseeded_by_splitting_and_counted(tmp_path):
+    x = np.repeat(np.array([[0, 0], [5, 5], [9, 0]], dtype=np.float32), 50, axis=0)
+    feats = write_feature_set(str(tmp_path / "f"), [x])
+    cluster(feats, str(tmp_path / "c"), ClusterConfig(k=6, epochs=3, init="random", seed=0))
+    meta = load_codebook(str(tmp_path / "c"))[1]
+    assert meta["empty_cluster_reseeds"] > 0 and sum(meta["cluster_sizes"]) == 150
+
+
+def test_init_from_given_centers(blob_features, tmp_path):
+    from safetensors.numpy import save_file
+
+    feats, _ = blob_features
+    save_file({"centers": TRUE + 0.3}, str(tmp_path / "init.safetensors"))
+    cluster(feats, str(tmp_path / "c"), ClusterConfig(k=5, epochs=2, init_from=str(tmp_path / "init.safetensors")))
+    centers, meta = load_codebook(str(tmp_path / "c"))
+    assert _match(centers, TRUE).max() < 0.1 and meta["init"].startswith("from ")
+    with pytest.raises(InputError, match=r"expected \(6, 4\)"):
+        cluster(feats, str(tmp_path / "d"), ClusterConfig(k=6, init_from=str(tmp_path / "c")))
+
+
+def test_tol_stops_early(blob_features, tmp_path):
+    feats, _ = blob_features
+    cluster(feats, str(tmp_path / "c"), ClusterConfig(k=5, epochs=50, tol=1e-4))
+    meta = load_codebook(str(tmp_path / "c"))[1]
+    assert meta["stopped_early"] and meta["epochs_run"] < 50
+
+
+def test_bad_inputs_are_clear_errors_before_any_work(tmp_path):
+    good = np.ones((10, 3), np.float32)
+    nan = good.copy()
+    nan[7, 1] = np.nan
+    with pytest.raises(InputError, match=r"part-000001\.parquet: 1 feature vectors hold NaN or Inf \(first at row 7\)"):
+        cluster(write_feature_set(str(tmp_path / "nan"), [good, nan]), str(tmp_path / "o1"), ClusterConfig(k=2))
+    with pytest.raises(InputError, match="k = 30 is larger than the number of feature vectors"):
+        cluster(write_feature_set(str(tmp_path / "few"), [good, good]), str(tmp_path / "o2"), ClusterConfig(k=30))
+    mixed = write_feature_set(str(tmp_path / "mixed"), [good, np.ones((4, 5), np.float32)])
+    with pytest.raises(InputError, match="mixed feature dims"):
+        cluster(mixed, str(tmp_path / "o3"), ClusterConfig(k=2))
+    with pytest.raises(InputError, match="empty feature set"):
+        cluster(write_feature_set(str(tmp_path / "empty"), [np.zeros((0, 3), np.float32)]), str(tmp_path / "o4"), ClusterConfig(k=2))
+    with pytest.raises(InputError, match="not a finished `kmim pipeline extract` output"):
+        cluster(str(tmp_path), str(tmp_path / "o5"), ClusterConfig(k=2))
+    with pytest.raises(ConfigError):
+        ClusterConfig(k=2, init="kmedoids")
+    assert not any((tmp_path / o / "codebook.json").exists() for o in ("o1", "o2", "o3", "o4"))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng(0)
+    x = blobs(20000, rng.standard_normal((16, 32)).astype(np.float32) * 3, 1.0, seed=1)
+    feats = write_feature_set(str(tmp_path / "f"), np.array_split(x, 4))
+    config = ClusterConfig(k=32, epochs=40, seed=5)
+    cluster(feats, str(tmp_path / "ref"), config)
+    reference = load_codebook(str(tmp_path / "ref"))
+
+    out = tmp_path / "killed"
+    ray_tmp = f"/tmp/rk{os.getpid()}c"
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "kmim", "pipeline", "cluster", feats, str(out), "--k", "32", "--epochs", "40", "--seed", "5"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = out / "_checkpoint.safetensors"
+    try:
+        deadline = time.monotonic() + 120
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if checkpoint.exists():
+                raw = checkpoint.read_bytes()
+                header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+                done = json.loads(header["__metadata__"]["state"])["epochs_done"]
+                if done >= 3:
+                    break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    assert 3 <= done < 40 and not (out / "manifest.json").exists()
+    cluster(feats, str(out), config)
+    resumed = load_codebook(str(out))
+    assert np.array_equal(resumed[0], reference[0])
+    assert resumed[1]["inertia_per_epoch"] == reference[1]["inertia_per_epoch"]
