@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from kmim.pipeline.cluster import ClusterConfig, cluster, load_codebook
+from kmim.pipeline.cluster import ClusterConfig, cluster
+from kmim.tokenizer import load_codebook
 from kmim.pipeline.ray_runtime import ray_session
 
 

@@ -450,21 +450,6 @@ def _write_codebook(out, features: FeatureSet, config: ClusterConfig, centers: n
     return m
 
 
-def load_codebook(url: str) -> tuple[np.ndarray, dict]:
-    """(centers [K, D] float32, metadata) of a finished cluster output."""
-    meta_url = fs.join(url, CODEBOOK_META)
-    if not fs.exists(meta_url) or not fs.exists(fs.join(url, "manifest.json")):
-        raise InputError(url, "not a finished `kmim pipeline cluster` output (no codebook.json / manifest.json)")
-    meta = fs.read_json(meta_url)
-    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise InputError(meta_url, f"format_version {meta['format_version']} is newer than this kmim understands")
-    filesystem, path = fs.get_fs(fs.join(url, CODEBOOK_WEIGHTS))
-    centers = st_load(filesystem.cat_file(path))[CODEBOOK_TENSOR]
-    if centers.shape != (meta["k"], meta["dim"]):
-        raise InputError(url, f"centers have shape {centers.shape}, codebook.json says ({meta['k']}, {meta['dim']})")
-    return centers, meta
-
-
 def summary_line(result: StageResult, output: str) -> str:
     s = result.manifest.stats
     if not result.ran:

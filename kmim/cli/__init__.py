@@ -9,6 +9,7 @@ import typer
 
 from kmim import __version__
 from kmim.cli.data import data_app
+from kmim.cli.eval import eval_app
 from kmim.cli.pipeline import pipeline_app
 from kmim.errors import KmimError
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(eval_app, name="eval")
 
 
 def _version(value: bool) -> None:

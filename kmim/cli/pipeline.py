@@ -65,3 +65,25 @@ def cluster(
                            minibatch=minibatch, seed=seed, tol=tol, init_from=init_from, num_workers=workers,
                            gpus_per_worker=gpus_per_worker, memory_per_worker_gb=memory_per_worker_gb)
     typer.echo(summary_line(run(features, output, config, address), output))
+
+
+@pipeline_app.command("tokenize")
+def tokenize(
+    input: str = typer.Argument(..., help="Dataset: shards dir, brace pattern, shards.json, tar, or image folder."),
+    output: str = typer.Argument(..., help="Output folder or fsspec URL for the token shards."),
+    codebook: str = typer.Option(..., help="A finished `kmim pipeline cluster` output."),
+    views: int = typer.Option(2, help="Views per image: view 0 = center crop, the rest RandomResizedCrop + flip."),
+    seed: int = typer.Option(0, help="Seed of the random views."),
+    weights: Optional[str] = typer.Option(None, help="The extractor weights the codebook was built with (checked by hash)."),
+    tcas_form: str = typer.Option("C", help="TCAS first term: 'C' ((1 - C_ii)^2) or 'norm' ((1 - ||R_i||)^2)."),
+    batch_size: int = typer.Option(64, help="Views per extractor call."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray actor."),
+    max_retries: int = typer.Option(2, help="Retries of a failed shard before it is reported."),
+    address: Optional[str] = typer.Option(None, help=ADDRESS_HELP),
+) -> None:
+    """Token shards (image bytes, label, tokens.npy, views.json) + TCAS report; resumable."""
+    from kmim.pipeline.tokenize import TokenizeConfig, summary_line, tokenize as run
+
+    config = TokenizeConfig(views=views, seed=seed, tcas_form=tcas_form, weights=weights, batch_size=batch_size,
+                            gpus_per_worker=gpus_per_worker, max_retries=max_retries)
+    typer.echo(summary_line(run(input, output, codebook, config, address), output))

@@ -40,6 +40,7 @@ class ShardRef:
     samples: int | None = None
     files: tuple[str, ...] = ()  # folder slice: image URLs
     labels: tuple[int | None, ...] = ()  # folder slice: label per file
+    split: str | None = None  # from the index, when it says
 
     @property
     def is_folder(self) -> bool:
@@ -149,7 +150,7 @@ def _from_index(index_url: str, split: str | None) -> Dataset:
     root = fs.dirname(index_url)
     refs = [
         ShardRef(name=_shard_name(e.url), url=e.url if "://" in e.url or e.url.startswith("/") else fs.join(root, e.url),
-                 size=e.bytes, sha256=e.sha256, samples=e.samples)
+                 size=e.bytes, sha256=e.sha256, samples=e.samples, split=e.split)
         for e in index.shards
         if split is None or e.split == split
     ]

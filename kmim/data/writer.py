@@ -70,10 +70,15 @@ class ShardedDatasetWriter:
         stats["samples"] = r.samples()
         fs.write_json_atomic(fs.join(self.out, "_stats.json"), stats)
         fs.write_json_atomic(fs.join(self.out, "config.json"), {"command": self.command, **asdict(self.config)})  # type: ignore[call-overload]
-        for split in splits:
-            ShardIndex([e for e in r.entries if e.split == split]).write(fs.join(self.out, f"{split}.{INDEX_NAME}"))
-        ShardIndex(list(r.entries)).write(fs.join(self.out, INDEX_NAME))
+        write_indexes(self.out, r.entries)
         return r
+
+
+def write_indexes(out: str, entries: list[ShardEntry]) -> None:
+    """`{split}.shards.json` per split, then `shards.json` with every shard (written last)."""
+    for split in sorted({e.split for e in entries if e.split}):
+        ShardIndex([e for e in entries if e.split == split]).write(fs.join(out, f"{split}.{INDEX_NAME}"))
+    ShardIndex(list(entries)).write(fs.join(out, INDEX_NAME))
 
 
 def summary_line(result: DatasetWriteResult) -> str:

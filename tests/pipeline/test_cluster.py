@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from kmim.errors import ConfigError, InputError
-from kmim.pipeline.cluster import ClusterConfig, cluster, load_codebook
+from kmim.pipeline.cluster import ClusterConfig, cluster
+from kmim.tokenizer import load_codebook
 from tests.pipeline.features_helper import blobs, write_feature_set
 
 pytestmark = pytest.mark.usefixtures("ray_local")

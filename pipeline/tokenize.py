@@ -1,0 +1,285 @@
+"""`kmim pipeline tokenize`: every image into training-ready token targets, once.
+
+One output tar per input shard, same keys in the same order. Per sample: the source image bytes
+unchanged, the label, `tokens.npy` [V, H/p, W/p] and `views.json` (the V recorded views: view 0 the
+center view, views 1..V-1 RandomResizedCrop + flip seeded by (seed, key, view)). While tokenizing, the
+token x class co-occurrence of view 0 is counted per shard and reduced on the driver into the TCAS
+report. `tcas_report` runs the same workers without writing shards (`kmim eval tcas`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from kmim import fs
+from kmim.contract.images import ImageDecodeError, decode_rgb
+from kmim.contract.manifest import digest
+from kmim.contract.patches import grid_size
+from kmim.contract.schemas import FORMAT_VERSION, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardEntry, token_dtype
+from kmim.contract.views import apply_view, make_views, to_uint8_array
+from kmim.data.reader import Dataset, ReadStats, ShardRef, iter_samples, open_dataset
+from kmim.data.tar import write_tar_shard
+from kmim.data.writer import write_indexes
+from kmim.errors import ConfigError, InputError
+from kmim.extractors import ExtractorSpec
+from kmim.pipeline.executor import ShardWorker, run_shards
+from kmim.pipeline.ray_runtime import ray_session, worker_count
+from kmim.pipeline.stage import StageResult, claim_output, finish_stage
+from kmim.tcas import FORMS, tcas, usage
+from kmim.tokenizer import Tokenizer, codebook_extractor, load_codebook
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.json"
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    views: int = 2
+    seed: int = 0
+    tcas_form: str = "C"
+    # execution only (not fingerprinted)
+    weights: str | None = None
+    batch_size: int = 64
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.tcas_form not in FORMS:
+            raise ConfigError(f"tcas_form must be one of {FORMS}, got {self.tcas_form!r}")
+        if self.batch_size < 1 or self.max_retries < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("batch_size >= 1, max_retries >= 0, gpus_per_worker >= 0, cpus_per_worker > 0 required")
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class TokenizeWorker(ShardWorker):
+    """A Ray actor holding the codebook and its extractor; tokenizes whole shards."""
+
+    def setup(self, codebook: str, spec: dict, config: dict, out_url: str | None, fingerprint: str) -> None:
+        self.config = TokenizeConfig(**config)
+        torch.set_num_threads(max(1, int(self.config.cpus_per_worker)))
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, int(self.config.cpus_per_worker)))
+        centers, meta = load_codebook(codebook)
+        device = "cuda" if self.config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.tokenizer = Tokenizer(centers, meta, ExtractorSpec.from_json(spec), device)
+        self.grid = grid_size(self.tokenizer.view_spec.image_size, self.tokenizer.patch_size)
+        self.dtype = token_dtype(self.tokenizer.k)
+        self.out_url, self.fingerprint = out_url, fingerprint
+
+    def process_shard(self, shard: ShardRef) -> dict:
+        c, tok = self.config, self.tokenizer
+        seconds = dict.fromkeys(("read", "decode", "compute", "write"), 0.0)
+        stats = ReadStats()
+        classes = 0
+        cooc: dict[int, np.ndarray] = {}  # label -> token counts of view 0
+        codes = np.zeros(tok.k, dtype=np.int64)
+        pending: list[tuple] = []
+        start = time.perf_counter()
+
+        def flush(sink) -> None:
+            t0 = time.perf_counter()
+            ids = tok(np.concatenate([views for *_, views in pending]))  # [B*V, L]
+            t1 = time.perf_counter()
+            seconds["compute"] += t1 - t0
+            for i, (sample, params, size, _) in enumerate(pending):
+                grid = ids[i * c.views : (i + 1) * c.views].reshape(c.views, self.grid, self.grid).astype(self.dtype)
+                view0 = np.bincount(grid[0].ravel().astype(np.int64), minlength=tok.k)
+                codes[:] += view0
+                if sample.label is not None:
+                    cooc[sample.label] = cooc.get(sample.label, 0) + view0
+                if sink is not None:
+                    members = {sample.ext: sample.image}
+                    if sample.label is not None:
+                        members[LABEL_MEMBER] = str(sample.label).encode()
+                    members[TOKENS_MEMBER] = encode_npy(grid)
+                    members[VIEWS_MEMBER] = json.dumps({"width": size[0], "height": size[1], "seed": c.seed,
+                                                        "views": [p.to_json() for p in params]}).encode()
+                    sink.write(sample.key, members)
+            seconds["write"] += time.perf_counter() - t1
+            pending.clear()
+
+        def run(sink) -> None:
+            samples = iter_samples(shard, stats)
+            while True:
+                t0 = time.perf_counter()
+                sample = next(samples, None)
+                t1 = time.perf_counter()
+                seconds["read"] += t1 - t0
+                if sample is None:
+                    break
+                try:
+                    img = decode_rgb(sample.image)
+                except ImageDecodeError as e:
+                    stats.samples -= 1
+                    stats.skip(sample.key, shard.url, str(e))
+                    continue
+                params = make_views(img.width, img.height, tok.view_spec, c.seed, sample.key, c.views)
+                views = np.stack([to_uint8_array(apply_view(img, p)) for p in params])
+                seconds["decode"] += time.perf_counter() - t1
+                pending.append((sample, params, img.size, views))
+                if len(pending) * c.views >= c.batch_size:
+                    flush(sink)
+            if pending:
+                flush(sink)
+
+        output = None
+        if self.out_url is None:
+            run(None)
+        else:
+            name = f"{shard.name}.tar"
+            with write_tar_shard(fs.join(self.out_url, name), split=shard.split) as sink:
+                run(sink)
+            entry: ShardEntry = sink.entry  # type: ignore[attr-defined]
+            output = {"url": name, "samples": entry.samples, "bytes": entry.bytes, "sha256": entry.sha256,
+                      "split": shard.split}
+        classes = max(cooc) + 1 if cooc else 0
+        matrix = np.zeros((tok.k, classes), dtype=np.int64)
+        for label, counts in cooc.items():
+            matrix[:, label] = counts
+        result = {
+            "shard": shard.name, "input": shard.url, "fingerprint": self.fingerprint,
+            "samples": stats.samples, "num_skipped": stats.num_skipped, "skipped": stats.skipped,
+            "seconds": {**{k: round(v, 4) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 4)},
+            "output": output,
+        }
+        if self.out_url is None:
+            return {**result, "cooc": matrix, "codes": codes}
+        # The counts go next to the stats, so a resumed run can still report TCAS over every shard.
+        fs.write_bytes_atomic(fs.join(self.out_url, f"{shard.name}_counts.npz"), _npz(cooc=matrix, codes=codes))
+        fs.write_json_atomic(fs.join(self.out_url, f"{shard.name}_stats.json"), result)
+        return result
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _read_counts(url: str) -> tuple[np.ndarray, np.ndarray]:
+    filesystem, path = fs.get_fs(url)
+    with np.load(io.BytesIO(filesystem.cat_file(path)), allow_pickle=False) as z:
+        return z["cooc"], z["codes"]
+
+
+def reduce_counts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    classes = max((c.shape[1] for c, _ in parts), default=0)
+    cooc = np.zeros((k, classes), dtype=np.int64)
+    codes = np.zeros(k, dtype=np.int64)
+    for c, n in parts:
+        cooc[:, : c.shape[1]] += c
+        codes += n
+    return cooc, codes
+
+
+def build_report(cooc: np.ndarray, codes: np.ndarray, meta: dict, form: str, samples: int) -> dict:
+    report = {"format_version": FORMAT_VERSION, "samples": samples, "view": 0, "usage": usage(codes),
+              "codebook": {"k": meta["k"], "extractor": meta["extractor"]["name"], "init": meta.get("init")}}
+    if cooc.shape[1] == 0 or cooc.sum() == 0:
+        report["tcas"] = None
+        report["tcas_note"] = "no labels in the data: TCAS needs class labels"
+    else:
+        report.update(tcas=tcas(cooc, form), cooc_shape=list(cooc.shape))
+    return report
+
+
+def _prepare(input: str, codebook: str, weights: str | None) -> tuple[Dataset, dict, ExtractorSpec]:
+    dataset = open_dataset(input)
+    _, meta = load_codebook(codebook)
+    spec = codebook_extractor(meta, weights, codebook)
+    return dataset, meta, spec
+
+
+def tokenize(input: str, output: str, codebook: str, config: TokenizeConfig = TokenizeConfig(),
+             address: str | None = None) -> StageResult:
+    """Run (or resume) the tokenize stage; an already complete output is returned as it is."""
+    dataset, meta, spec = _prepare(input, codebook, config.weights)
+    codebook_fp = fs.read_json(fs.join(codebook, "manifest.json"))["fingerprint"]
+    stage_config = {
+        "codebook_fingerprint": codebook_fp, "k": meta["k"], "extractor": spec.to_json(),
+        "image_size": meta["view"]["image_size"], "patch_size": meta["view"]["patch_size"],
+        "crop_pct": meta["view"]["crop_pct"], "views": config.views, "seed": config.seed, "tcas_form": config.tcas_form,
+    }
+    out = claim_output(output, "tokenize", stage_config, [s.input_ref() for s in dataset.shards])
+    if out.finished:
+        log.info("tokenize: %s is already complete; nothing to do", output)
+        return StageResult(out.manifest, ran=False)
+    fs.write_json_atomic(fs.join(output, "config.json"), {**asdict(config), "codebook": codebook})
+    start = time.monotonic()
+    with ray_session(address) as resources:
+        n = worker_count(resources, config.cpus_per_worker, config.gpus_per_worker, len(dataset.shards))
+        run = run_shards(
+            "tokenize", dataset.shards, TokenizeWorker,
+            (codebook, spec.to_json(), asdict(config), output, out.manifest.fingerprint),
+            committed=lambda s: out.committed(s) if fs.exists(fs.join(output, f"{s.name}_counts.npz")) else None,
+            num_workers=n, max_retries=config.max_retries,
+            ray_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker},
+        )
+    stats = run.all_stats
+    if run.failed:
+        finish_stage(out, dataset.shards, stats, run.failed, extra_stats={}, wall_seconds=time.monotonic() - start)
+    cooc, codes = reduce_counts([_read_counts(fs.join(output, f"{s.name}_counts.npz")) for s in dataset.shards], meta["k"])
+    report = build_report(cooc, codes, meta, config.tcas_form, sum(s["samples"] for s in stats.values()))
+    fs.write_bytes_atomic(fs.join(output, "tcas_R.npy"), encode_npy(cooc))
+    fs.write_json_atomic(fs.join(output, REPORT), report)
+    outputs = [stats[s.name]["output"] for s in dataset.shards]
+    write_indexes(output, [ShardEntry(url=o["url"], samples=o["samples"], bytes=o["bytes"], sha256=o["sha256"],
+                                      split=o.get("split")) for o in outputs])
+    manifest = finish_stage(out, dataset.shards, stats, run.failed, wall_seconds=time.monotonic() - start, extra_stats={
+        "shards_reused": len(run.reused), "shards_run": len(run.done), "retries": run.retries,
+        "k": meta["k"], "views": config.views,
+        "tcas": report["tcas"]["tcas"] if report.get("tcas") else None, "usage": report["usage"],
+    })
+    return StageResult(manifest, ran=True)
+
+
+def tcas_report(input: str, codebook: str, weights: str | None = None, form: str = "C",
+                address: str | None = None, batch_size: int = 64) -> dict:
+    """The tokenize stage's TCAS report for any codebook on a labelled dataset, writing no shards."""
+    dataset, meta, spec = _prepare(input, codebook, weights)
+    config = TokenizeConfig(views=1, tcas_form=form, weights=weights, batch_size=batch_size)
+    with ray_session(address) as resources:
+        run = run_shards("tcas", dataset.shards, TokenizeWorker,
+                         (codebook, spec.to_json(), asdict(config), None, digest(spec.to_json())),
+                         committed=lambda s: None, num_workers=worker_count(resources, 1, 0, len(dataset.shards)),
+                         ray_options={"num_cpus": 1}, max_retries=config.max_retries)
+    if run.failed:
+        raise InputError(input, "; ".join(f"{k}: {v}" for k, v in sorted(run.failed.items())))
+    stats = [run.done[s.name] for s in dataset.shards]
+    cooc, codes = reduce_counts([(s["cooc"], s["codes"]) for s in stats], meta["k"])
+    if cooc.sum() == 0:
+        raise InputError(input, "has no labels: TCAS needs class labels (.cls members or class folders)")
+    report = build_report(cooc, codes, meta, form, sum(s["samples"] for s in stats))
+    report["skipped"] = [item for s in stats for item in s["skipped"]]
+    return report
+
+
+def summary_line(result: StageResult, output: str) -> str:
+    s = result.manifest.stats
+    if not result.ran:
+        return f"tokenize: {output} is already complete ({s['samples']} images); nothing to do"
+    tcas_text = f"TCAS {s['tcas']:.4f}" if s.get("tcas") is not None else "no labels, no TCAS"
+    return (f"tokenize: {s['samples']} images x {s['views']} views -> {s['shards']} token shards at {output}; "
+            f"{tcas_text}; {s['usage']['used_codes']}/{s['k']} codes used (perplexity {s['usage']['perplexity']:.1f}); "
+            f"{s['num_skipped']} skipped; {s['shards_reused']} shards reused; {s['wall_seconds']:.1f}s")
