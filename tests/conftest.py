@@ -42,3 +42,18 @@ def synthetic_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic(str(out), SyntheticConfig(num_images=60, image_size=32, classes=5, shard_size=15))
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_tokens(digits_dir, ray_local, tmp_path_factory):
+    """digits -> pixel features (32 px, patch 4) -> K=16 codebook -> token shards with 2 views."""
+    from kmim.pipeline.cluster import ClusterConfig, cluster
+    from kmim.pipeline.extract import ExtractConfig, extract
+    from kmim.pipeline.tokenize import TokenizeConfig, tokenize
+
+    root = tmp_path_factory.mktemp("digits_tokens")
+    extract(str(digits_dir / "train.shards.json"), str(root / "features"),
+            ExtractConfig(image_size=32, patch_size=4, patches_per_image=16, dtype="float32"))
+    cluster(str(root / "features"), str(root / "codebook"), ClusterConfig(k=16, epochs=3))
+    tokenize(str(digits_dir), str(root / "tokens"), str(root / "codebook"), TokenizeConfig(views=2))
+    return root

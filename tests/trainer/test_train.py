@@ -1,0 +1,138 @@
+"""`kmim train` for real: single process, 2-process gloo DDP, uneven shards, kill + resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from kmim.data.tar import write_tar_shard
+from kmim.errors import ConfigError
+from kmim.trainer.config import load_config
+from kmim.trainer.export import export_encoder
+from kmim.trainer.train import train
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits-tiny.yaml")
+
+
+def _losses(run_dir):
+    last = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        last[r["step"]] = r["loss"]  # a resumed run rewrites the steps it redoes: keep the last
+    return last
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "kmim", "train", "--config", RECIPE, *args]
+
+
+@pytest.mark.slow
+def test_loss_falls_on_digits_and_the_encoder_exports_to_timm(digits_tokens, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(RECIPE, [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", f"output={out}",
+                               "optim.epochs=8", "log_every=5", "data.num_workers=0"])
+    summary = train(cfg)
+    losses = list(_losses(out).values())
+    assert summary["steps"] == 8 * (1438 // 64) and np.mean(losses[-3:]) < losses[0] - 0.3, losses
+    assert (out / "tensorboard").is_dir() and json.loads((out / "config.json").read_text())["optim"]["epochs"] == 8
+    export_encoder(str(out), str(tmp_path / "enc.safetensors"))
+    model = timm.create_model("vit_micro_patch4_32", num_classes=0)
+    model.load_state_dict(load_file(str(tmp_path / "enc.safetensors")), strict=True)
+    ckpt = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)
+    assert torch.equal(model.patch_embed.proj.weight, ckpt["model"]["encoder.patch_embed.proj.weight"])
+    hub_style = timm.create_model("vit_micro_patch4_32", pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "enc.safetensors")))
+    assert torch.equal(hub_style.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
+
+
+def test_shards_model_mismatch_is_refused_before_the_first_step(digits_tokens, digits_dir, tmp_path):
+    data = f"data.train={digits_tokens / 'tokens'}"
+    with pytest.raises(ConfigError, match="patch size 4 vs model.patch_size 8"):
+        train(load_config(RECIPE, [data, f"output={tmp_path / 'a'}", "model.patch_size=8", "model.encoder=test_vit"]))
+    with pytest.raises(ConfigError, match="needs token shards"):
+        train(load_config(RECIPE, [f"data.train={digits_dir}", f"output={tmp_path / 'b'}"]))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_pixel_and_online_targets_run(digits_tokens, tmp_path):
+    base = [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", "optim.epochs=1", "data.samples_per_epoch=256",
+            "data.num_workers=0", "log_every=1"]
+    pixel = train(load_config(RECIPE, [*base, "model.target=pixel", f"output={tmp_path / 'p'}"]))
+    online = train(load_config(RECIPE, [*base, "model.target=online", f"data.codebook={digits_tokens / 'codebook'}",
+                                        f"output={tmp_path / 'o'}"]))
+    assert pixel["steps"] == online["steps"] == 4 and np.isfinite(pixel["final_loss"]) and online["final_loss"] > 0
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_with_uneven_shards(digits_tokens, tmp_path):
+    # Re-pack the token shards very unevenly: 1000, 400, 30 and 8 samples.
+    import tarfile
+
+    samples = []
+    for tar in sorted((digits_tokens / "tokens").glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            current = {}
+            for m in t.getmembers():
+                key, ext = m.name.split(".", 1)
+                if current and current["key"] != key:
+                    samples.append(current)
+                    current = {}
+                current.setdefault("key", key)
+                current[ext] = t.extractfile(m).read()
+            samples.append(current)
+    uneven = tmp_path / "uneven"
+    entries, start = [], 0
+    for i, size in enumerate([1000, 400, 30, 8]):
+        with write_tar_shard(str(uneven / f"train-{i:06d}.tar")) as sink:
+            for s in samples[start : start + size]:
+                sink.write(s["key"], {k: v for k, v in s.items() if k != "key"})
+        entries.append(sink.entry.__dict__)
+        start += size
+    (uneven / "shards.json").write_text(json.dumps({"shards": entries}))
+    manifest = json.loads((digits_tokens / "tokens" / "manifest.json").read_text())
+    (uneven / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "ddp"
+    proc = subprocess.run(_cmd("--data", str(uneven), "--output", str(out), "--nproc", "2", "optim.epochs=2",
+                               "data.num_workers=1", "log_every=5"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
+    assert summary["world_size"] == 2 and plan["steps_per_epoch"] == 1438 // (64 * 2)
+    assert summary["steps"] == 2 * plan["steps_per_epoch"] and "train: " in proc.stdout
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_follows_the_same_loss_curve(digits_tokens, tmp_path):
+    args = ["--data", str(digits_tokens / "tokens" / "train.shards.json"), "optim.epochs=3", "log_every=1",
+            "checkpoint.every_steps=15", "data.num_workers=2", "data.shuffle_buffer=128"]
+    reference = tmp_path / "ref"
+    subprocess.run(_cmd(*args, "--output", str(reference)), check=True, capture_output=True, timeout=300)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(*args, "--output", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not list(out.glob("checkpoint-00000030.pt")):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(out.glob("checkpoint-*.pt"))
+    assert done and done[-1].name != "checkpoint-00000066.pt", [p.name for p in done]
+    subprocess.run(_cmd(*args, "--output", str(out), "--resume"), check=True, capture_output=True, timeout=300)
+    ref, got = _losses(reference), _losses(out)
+    assert sorted(got) == sorted(ref) == list(range(1, 67))
+    np.testing.assert_allclose([got[s] for s in range(1, 67)], [ref[s] for s in range(1, 67)], rtol=1e-5)
+
+
+def test_an_unlabelled_folder_is_not_token_shards(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(Exception, match="no shards.json"):
+        train(load_config(RECIPE, [f"data.train={tmp_path / 'x'}", f"output={tmp_path / 'o'}"]))

@@ -1,0 +1,185 @@
+"""Streaming training data: token shards (or plain image shards) read with webdataset.
+
+Per epoch the shard order is a permutation seeded by (seed, epoch); each data worker of each rank reads
+its slice of it (`shards_for`), cycling if it runs out, and yields exactly its quota of samples, so
+every rank gets the same number of batches whatever the shard sizes (uneven shards never hang DDP).
+Each sample uses one of its stored views, chosen by (seed, epoch, key); the trainer replays that
+view's recorded crop/flip with the shared contract, so the targets are exactly the tokens of the
+patches the encoder sees. Worker processes decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kmim import fs
+from kmim.contract.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
+from kmim.contract.manifest import StageManifest
+from kmim.contract.schemas import INDEX_NAME, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardIndex
+from kmim.contract.views import ViewParams, ViewSpec, apply_view, key_hash, random_view, to_uint8_array
+from kmim.errors import ConfigError, InputError
+from kmim.trainer.distributed import shards_for, split_evenly
+
+
+@dataclass(frozen=True)
+class TrainShards:
+    urls: list[str]
+    samples: int
+    manifest: StageManifest | None  # the tokenize manifest, when these are token shards
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.manifest is not None and self.manifest.stage == "tokenize"
+
+
+def open_train_shards(spec: str) -> TrainShards:
+    """A tokenize output folder, its shards.json or a split index; or any indexed image shards."""
+    index_url = spec if spec.endswith(".json") else fs.join(spec, INDEX_NAME)
+    if not fs.exists(index_url):
+        raise InputError(spec, "no shards.json: expected a `kmim pipeline tokenize` output or indexed shards")
+    index = ShardIndex.read(index_url)
+    root = fs.dirname(index_url)
+    urls = [e.url if "://" in e.url or e.url.startswith("/") else fs.join(root, e.url) for e in index.shards]
+    if not urls or index.total_samples == 0:
+        raise InputError(spec, "empty dataset: no samples in the index")
+    return TrainShards(urls, index.total_samples, StageManifest.read_if_committed(root))
+
+
+def _fsspec_streams(urls: list[str]) -> Iterator[dict]:
+    for url in urls:
+        filesystem, path = fs.get_fs(url)
+        with filesystem.open(path, "rb") as stream:
+            yield {"url": url, "stream": stream}
+
+
+def choose_view(seed: int, epoch: int, key: str, num_views: int) -> int:
+    return int(np.random.default_rng([seed, 7, epoch, key_hash(key)]).integers(num_views))
+
+
+class TrainStream(IterableDataset):
+    """Yields (uint8 view [S, S, 3], tokens [L] int64 or -1s, label or -1) for one rank and epoch."""
+
+    def __init__(self, shards: TrainShards, rank: int, world: int, batch_size: int, steps: int, image_size: int,
+                 seed: int, shuffle_buffer: int, need_tokens: bool):
+        self.shards, self.rank, self.world = shards, rank, world
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        self.view_spec = ViewSpec(image_size)
+        self.shuffle_buffer, self.need_tokens = shuffle_buffer, need_tokens
+        self.start_epoch = 0
+        self.start_skip = 0  # batches of the first epoch already consumed (resume)
+        self._passes = 0  # iterations of this copy: with persistent workers, the epochs it has served
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_start(self, epoch: int, skip_batches: int) -> None:
+        """Where the first pass begins; each later pass over the dataset is the next epoch."""
+        self.start_epoch, self.start_skip = epoch, skip_batches
+
+    def _worker(self) -> tuple[int, int]:
+        """(logical worker, workers). The DataLoader takes batch i from worker i % W and always starts
+        at worker 0; after `skip_batches`, DataLoader worker j plays the part of worker j + skip."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return (worker + self.skip_batches) % workers, workers
+
+    def _raw(self, worker: int, workers: int) -> Iterator[dict]:
+        n = len(self.shards.urls)
+        order = np.random.default_rng([self.seed, 11, self.epoch]).permutation(n).tolist()
+        mine = shards_for(n, self.rank, self.world, worker, workers, order)
+        cycle = 0
+        while True:  # cycle through this worker's shards until the quota is met
+            urls = [self.shards.urls[i] for i in np.random.default_rng([self.seed, 13, self.epoch, cycle, worker, self.rank]).permutation(mine)]
+            files = wds.tariterators.tar_file_expander(_fsspec_streams(urls))
+            yield from wds.tariterators.group_by_keys(files)
+            cycle += 1
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        self.epoch = self.start_epoch + self._passes
+        self.skip_batches = self.start_skip if self._passes == 0 else 0
+        self._passes += 1
+        worker, workers = self._worker()
+        # Batches go round-robin over workers in the DataLoader: this worker makes batches w, w+W, ...
+        batches = split_evenly(self.steps, workers, worker)
+        skip = split_evenly(self.skip_batches, workers, worker)
+        quota = (batches - skip) * self.batch_size
+        if quota <= 0:
+            return
+        rng = np.random.default_rng([self.seed, 17, self.epoch, self.rank, worker])
+        capacity = max(1, min(self.shuffle_buffer, batches * self.batch_size))
+        to_skip = skip * self.batch_size
+        buffer: list[dict] = []
+        produced = 0
+        for sample in self._raw(worker, workers):
+            buffer.append(sample)
+            if len(buffer) < capacity:
+                continue
+            chosen = buffer.pop(int(rng.integers(len(buffer))))
+            if to_skip:  # resume: replay the shuffle exactly, but do not decode what was consumed
+                to_skip -= 1
+                continue
+            item = self._decode(chosen)
+            if item is not None:
+                yield item
+                produced += 1
+                if produced == quota:
+                    return
+
+    def _decode(self, sample: dict) -> tuple[np.ndarray, np.ndarray, int] | None:
+        key = sample["__key__"]
+        ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
+        if ext is None:
+            raise InputError(f"{sample.get('__url__')}:{key}", "sample has no image member")
+        try:
+            img = decode_rgb(sample[ext])
+        except ImageDecodeError:
+            return None  # counted by the pipeline stage that wrote the shard; here it is only skipped
+        label = int(sample[LABEL_MEMBER]) if LABEL_MEMBER in sample else -1
+        if TOKENS_MEMBER in sample and VIEWS_MEMBER in sample:
+            tokens = np.load(io.BytesIO(sample[TOKENS_MEMBER]), allow_pickle=False)
+            views = json.loads(sample[VIEWS_MEMBER])["views"]
+            v = choose_view(self.seed, self.epoch, key, len(views))
+            pixels = to_uint8_array(apply_view(img, ViewParams.from_json(views[v])))
+            return pixels, tokens[v].reshape(-1).astype(np.int64), label
+        if self.need_tokens:
+            raise InputError(f"{sample.get('__url__')}:{key}", "no tokens.npy/views.json: not a token shard")
+        view = random_view(img.width, img.height, self.view_spec, self.seed, key, 1 + self.epoch)
+        pixels = to_uint8_array(apply_view(img, view))
+        return pixels, np.full(1, -1, dtype=np.int64), label
+
+
+def collate(items: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    views = torch.from_numpy(np.stack([i[0] for i in items]))  # uint8 [B, S, S, 3]
+    tokens = torch.from_numpy(np.stack([i[1] for i in items]))  # int64 [B, L]
+    labels = torch.tensor([i[2] for i in items], dtype=torch.int64)
+    return views, tokens, labels
+
+
+def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
+    """One loader for the whole run: persistent workers keep their process (and their count of epochs)."""
+    return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: int, k_model: int | None) -> int | None:
+    """Token shards' K, image size and patch size against the model config; returns K."""
+    if not shards.has_tokens:
+        return None
+    cfg = shards.manifest.config  # type: ignore[union-attr]
+    problems = []
+    if cfg["image_size"] != image_size:
+        problems.append(f"image size {cfg['image_size']} vs model.image_size {image_size}")
+    if cfg["patch_size"] != patch_size:
+        problems.append(f"patch size {cfg['patch_size']} vs model.patch_size {patch_size}")
+    if k_model is not None and cfg["k"] != k_model:
+        problems.append(f"K {cfg['k']} vs the model's {k_model}")
+    if problems:
+        raise ConfigError(f"token shards do not match the model: {'; '.join(problems)}")
+    return int(cfg["k"])
