@@ -7,7 +7,7 @@ The embedded Ray is started before timing (on a cluster it is already up) and a 
 warms its worker processes; both are printed apart. Default inputs are ImageNet-like: 400-px JPEGs
 (ImageNet averages about 400x350) viewed at 224 with 16-px patches. With tiny images (--image-size 64 --view-size 64) the stage writes
 ~12x the bytes it reads and the pixel ratio falls to about 0.5: the features, not the reading, dominate.
-Run: uv run python bench/extract.py [--images 2000] [--model vit_small_patch16_224 --timm-images 2000]
+Run: uv run python -m bench.extract [--images 2000] [--model vit_small_patch16_224 --timm-images 2000]
 """
 
 from __future__ import annotations

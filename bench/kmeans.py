@@ -5,7 +5,7 @@ Same features (made on the spot), same initial centers, same number of Lloyd ite
 - final inertia of each codebook, all evaluated by the same exact faiss search, relative to faiss's;
 - FLOP efficiency of our epoch (2·n·K·D per assignment) against a plain float32 matmul in the same run.
 Targets: time per epoch <= 1.25 x faiss, inertia within 0.5 % of faiss.
-Run: uv run python bench/kmeans.py [--n 500000 --dim 768 --k 256 --iters 5] [--no-sklearn]
+Run: uv run python -m bench.kmeans [--n 500000 --dim 768 --k 256 --iters 5] [--no-sklearn]
 """
 
 from __future__ import annotations
@@ -37,11 +37,7 @@ def make_features(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def write_features(out: str, x: np.ndarray, parts: int) -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.pipeline.features_helper import write_feature_set
+    from tests.pipeline.features_helper import write_feature_set  # the repo root is on sys.path under -m
 
     write_feature_set(out, np.array_split(x, parts), dtype="float32")
 

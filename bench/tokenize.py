@@ -4,7 +4,7 @@ The loop does the same work minus the writing: read, decode, render the V views,
 search the nearest center with faiss. Target: tokenize throughput >= 0.7 x the loop on 2 cores.
 The embedded Ray is started before timing (on a cluster it is up already); the stage's own actor
 start-up (loading the codebook and extractor) is inside the timing.
-Run: uv run python bench/tokenize.py [--images 2000 --image-size 256 --view-size 224 --k 256 --views 2]
+Run: uv run python -m bench.tokenize [--images 2000 --image-size 256 --view-size 224 --k 256 --views 2]
 """
 
 from __future__ import annotations
