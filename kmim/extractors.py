@@ -18,7 +18,7 @@ import torch
 
 from kmim import fs
 from kmim.contract.manifest import digest
-from kmim.contract.patches import grid_size, patchify
+from kmim.contract.patches import grid_size
 from kmim.contract.views import normalize
 from kmim.errors import ConfigError, InputError
 

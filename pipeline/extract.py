@@ -16,12 +16,11 @@ import pyarrow.parquet as pq
 import torch
 
 from kmim import fs
-from kmim.contract.images import ImageDecodeError, decode_rgb
 from kmim.contract.manifest import StageManifest
 from kmim.contract.patches import grid_size
 from kmim.contract.schemas import feature_schema
 from kmim.contract.views import ViewSpec, apply_view, center_view, key_hash, to_uint8_array
-from kmim.data.reader import ReadStats, ShardRef, iter_samples, open_dataset
+from kmim.data.reader import ReadStats, ShardRef, iter_images, open_dataset
 from kmim.errors import ConfigError
 from kmim.extractors import ExtractorSpec, build_extractor
 from kmim.pipeline.executor import ShardWorker, run_shards
@@ -142,22 +141,10 @@ class ExtractWorker(ShardWorker):
                 seconds["write"] += time.perf_counter() - t1
                 batch.clear()
 
-            samples = iter_samples(shard, stats)
-            while True:
+            for sample, img in iter_images(shard, stats, seconds=seconds):
                 t0 = time.perf_counter()
-                sample = next(samples, None)
-                t1 = time.perf_counter()
-                seconds["read"] += t1 - t0
-                if sample is None:
-                    break
-                try:
-                    img = decode_rgb(sample.image)
-                except ImageDecodeError as e:
-                    stats.samples -= 1
-                    stats.skip(sample.key, shard.url, str(e))
-                    continue
                 view = to_uint8_array(apply_view(img, center_view(img.width, img.height, self.view_spec)))
-                seconds["decode"] += time.perf_counter() - t1
+                seconds["decode"] += time.perf_counter() - t0
                 batch.append((sample.key, sample.label, view))
                 if len(batch) >= c.batch_size:
                     flush()

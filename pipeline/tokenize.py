@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from kmim import fs
-from kmim.contract.images import ImageDecodeError, decode_rgb
 from kmim.contract.manifest import digest
 from kmim.contract.patches import grid_size
 from kmim.contract.schemas import FORMAT_VERSION, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardEntry, token_dtype
 from kmim.contract.views import apply_view, make_views, to_uint8_array
-from kmim.data.reader import Dataset, ReadStats, ShardRef, iter_samples, open_dataset
+from kmim.data.reader import Dataset, ReadStats, ShardRef, iter_images, open_dataset
 from kmim.data.tar import write_tar_shard
 from kmim.data.writer import write_indexes
 from kmim.errors import ConfigError, InputError
@@ -120,23 +119,11 @@ class TokenizeWorker(ShardWorker):
             pending.clear()
 
         def run(sink) -> None:
-            samples = iter_samples(shard, stats)
-            while True:
+            for sample, img in iter_images(shard, stats, seconds=seconds):
                 t0 = time.perf_counter()
-                sample = next(samples, None)
-                t1 = time.perf_counter()
-                seconds["read"] += t1 - t0
-                if sample is None:
-                    break
-                try:
-                    img = decode_rgb(sample.image)
-                except ImageDecodeError as e:
-                    stats.samples -= 1
-                    stats.skip(sample.key, shard.url, str(e))
-                    continue
                 params = make_views(img.width, img.height, tok.view_spec, c.seed, sample.key, c.views)
                 views = np.stack([to_uint8_array(apply_view(img, p)) for p in params])
-                seconds["decode"] += time.perf_counter() - t1
+                seconds["decode"] += time.perf_counter() - t0
                 pending.append((sample, params, img.size, views))
                 if len(pending) * c.views >= c.batch_size:
                     flush(sink)

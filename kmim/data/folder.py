@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kmim import fs
-from kmim.contract.images import ImageDecodeError, decode_rgb
-from kmim.data.reader import ReadStats, ShardRef, iter_samples, open_dataset
+from kmim.data.reader import ReadStats, ShardRef, iter_images, open_dataset
 from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, label_bytes
 from kmim.errors import ConfigError, InputError
 from kmim.progress import ProgressReporter
@@ -29,13 +28,7 @@ class FolderShardConfig:
 
 
 def _checked_samples(shard: ShardRef, stats: ReadStats):
-    for sample in iter_samples(shard, stats):
-        try:
-            decode_rgb(sample.image)
-        except ImageDecodeError as e:
-            stats.samples -= 1
-            stats.skip(sample.key, sample.shard, str(e))
-            continue
+    for sample, _ in iter_images(shard, stats):  # decoded once, only to check it
         members = {("jpg" if sample.ext.lower() == "jpeg" else sample.ext.lower()): sample.image}
         if sample.label is not None:
             members["cls"] = label_bytes(sample.label)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 from PIL import Image
@@ -224,15 +225,29 @@ def iter_samples(shard: ShardRef, stats: ReadStats, *, require_label: bool = Fal
         yield RawSample(key=key, image=image, ext=image_ext, label=label, shard=shard.url, extra=members)
 
 
-def iter_images(shard: ShardRef, stats: ReadStats, *, require_label: bool = False) -> Iterator[tuple[RawSample, Image.Image]]:
-    """Samples with their image decoded to RGB; samples that do not decode are skips."""
-    for sample in iter_samples(shard, stats, require_label=require_label):
+def iter_images(shard: ShardRef, stats: ReadStats, *, require_label: bool = False,
+                seconds: dict[str, float] | None = None) -> Iterator[tuple[RawSample, Image.Image]]:
+    """Samples with their image decoded to RGB; samples that do not decode are skips.
+
+    With `seconds`, time spent reading and decoding is added to its "read" and "decode" entries.
+    """
+    timing = seconds if seconds is not None else {"read": 0.0, "decode": 0.0}
+    samples = iter_samples(shard, stats, require_label=require_label)
+    while True:
+        t0 = time.perf_counter()
+        sample = next(samples, None)
+        t1 = time.perf_counter()
+        timing["read"] += t1 - t0
+        if sample is None:
+            return
         try:
             img = decode_rgb(sample.image)
         except ImageDecodeError as e:
             stats.samples -= 1
             stats.skip(sample.key, shard.url, str(e))
             continue
+        finally:
+            timing["decode"] += time.perf_counter() - t1
         yield sample, img
 
 
