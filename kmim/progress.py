@@ -39,16 +39,17 @@ class ProgressReporter:
         self._log_every = log_every
         self._live = sys.stderr.isatty() if live is None else live
         self._bar: Progress | None = None
+        self.note = ""  # free text shown after the rates, e.g. "loss 3.21, lr 1.2e-04"
 
     def __enter__(self) -> ProgressReporter:
         if self._live:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), transient=False,
+                TimeRemainingColumn(), TextColumn("{task.fields[note]}"), transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.description, total=self.total, rate="")
+            self._task = self._bar.add_task(self.description, total=self.total, rate="", note="")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -68,18 +69,22 @@ class ProgressReporter:
             return None if self.done == 0 else 0.0
         return self.elapsed / self.done * (self.total - self.done)
 
-    def advance(self, units: int = 1, items: int = 0) -> None:
+    def advance(self, units: int = 1, items: int = 0, note: str | None = None) -> None:
         self.done += units
         self.items += items
+        if note is not None:
+            self.note = note
+        unit_rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{self.rate:.1f} {self.item}/s")
+            self._bar.update(self._task, completed=self.done, note=self.note,
+                             rate=f"{unit_rate:.2f} {self.unit}/s, {self.rate:.1f} {self.item}/s")
         now = time.monotonic()
         if not self._live and (now - self._last_log >= self._log_every or self.done >= self.total):
             self._last_log = now
             eta = self.eta()
-            log.info("%s: %d/%d %s, %d %s, %.1f %s/s, ETA %s", self.description, self.done, self.total,
-                     self.unit, self.items, self.item, self.rate, self.item,
-                     format_seconds(eta) if eta is not None else "?")
+            log.info("%s: %d/%d %s (%.2f/s), %d %s, %.1f %s/s, ETA %s%s", self.description, self.done, self.total,
+                     self.unit, unit_rate, self.items, self.item, self.rate, self.item,
+                     format_seconds(eta) if eta is not None else "?", f", {self.note}" if self.note else "")
 
     def summary(self) -> str:
         return (f"{self.description}: {self.done}/{self.total} {self.unit}, {self.items} {self.item} "

@@ -216,9 +216,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> dict:
                     scheduler.step()
                 step += 1
                 window_images += len(views) * info.world_size
-                progress.advance(1, len(views) * info.world_size)
-                if step % cfg.log_every == 0 or step == plan.total_steps:
+                log_now = step % cfg.log_every == 0 or step == plan.total_steps
+                if log_now:
                     last_loss = all_reduce_mean(float(loss.detach()), info, device)
+                    progress.note = f"loss {last_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}"
+                progress.advance(1, len(views) * info.world_size)
+                if log_now:
                     now = time.monotonic()
                     metrics.write({"step": step, "epoch": step / plan.steps_per_epoch, "loss": last_loss,
                                    "lr": optimizer.param_groups[0]["lr"],
