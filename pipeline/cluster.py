@@ -23,7 +23,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from kmim import __version__, fs
-from kmim.contract.schemas import CODEBOOK_META, CODEBOOK_TENSOR, CODEBOOK_WEIGHTS, FORMAT_VERSION
+from kmim.contract.schemas import CODEBOOK_META, CODEBOOK_TENSOR, CODEBOOK_WEIGHTS, FORMAT_VERSION, safetensors_metadata
 from kmim.errors import ConfigError, InputError
 from kmim.pipeline.features import FeatureFile, FeatureSet, iter_feature_batches, normalize_rows, open_features
 from kmim.pipeline.kmeans import (
@@ -341,8 +341,7 @@ def _load_checkpoint(out_url: str, fingerprint: str) -> tuple[np.ndarray, np.nda
         return None
     filesystem, path = fs.get_fs(url)
     raw = filesystem.cat_file(path)
-    header_len = int.from_bytes(raw[:8], "little")
-    state = json.loads(json.loads(raw[8 : 8 + header_len])["__metadata__"]["state"])
+    state = json.loads(safetensors_metadata(raw)["state"])
     if state.get("fingerprint") != fingerprint:
         return None
     tensors = st_load(raw)

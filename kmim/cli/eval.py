@@ -30,3 +30,41 @@ def tcas(
     typer.echo(json.dumps({k: v for k, v in report.items() if k != "skipped"}, indent=2))
     typer.echo(f"TCAS {t['tcas']:.4f} (K={t['k']}, l1={t['l1']}, {t['classes']} classes, form {t['form']}); "
                f"{u['used_codes']} codes used, {u['dead_codes']} dead, perplexity {u['perplexity']:.1f}")
+
+
+@eval_app.command("linear")
+def linear(
+    source: str = typer.Argument(..., help="A `kmim train` run folder or an exported encoder .safetensors."),
+    train: str = typer.Option(..., help="Labelled training data (shards or image folder)."),
+    val: str = typer.Option(..., help="Labelled validation data."),
+    pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
+    epochs: int = typer.Option(100, help="Probe epochs (on cached features)."),
+    batch_size: int = typer.Option(256, help="Probe batch size."),
+    blr: float = typer.Option(0.1, help="Base lr: lr = blr * batch / 256."),
+    optimizer: str = typer.Option("sgd", help="sgd, or lars (MAE's; needs a larger --blr at small batch sizes)."),
+    seed: int = typer.Option(0, help="Seed of the head init and batch order."),
+) -> None:
+    """MAE linear probe: frozen encoder, BatchNorm1d(affine=False) + linear head; writes eval-linear.json."""
+    from kmim.trainer.probe import LinearConfig, evaluate
+
+    r = evaluate("linear", source, train, val, LinearConfig(epochs=epochs, batch_size=batch_size, blr=blr,
+                                                            optimizer=optimizer, pool=pool, seed=seed))
+    typer.echo(f"linear: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
+               f"({r['encoder']}, {r['seconds']:.1f}s)")
+
+
+@eval_app.command("knn")
+def knn(
+    source: str = typer.Argument(..., help="A `kmim train` run folder or an exported encoder .safetensors."),
+    train: str = typer.Option(..., help="Labelled training data (the neighbours)."),
+    val: str = typer.Option(..., help="Labelled validation data."),
+    k: int = typer.Option(20, help="Neighbours."),
+    temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / T)."),
+    pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
+) -> None:
+    """Weighted k-NN on normalised frozen features (DINO's protocol); writes eval-knn.json."""
+    from kmim.trainer.probe import KnnConfig, evaluate
+
+    r = evaluate("knn", source, train, val, KnnConfig(k=k, temperature=temperature, pool=pool))
+    typer.echo(f"knn: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
+               f"({r['encoder']}, {r['seconds']:.1f}s)")

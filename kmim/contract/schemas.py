@@ -98,6 +98,14 @@ def feature_schema(dim: int, dtype: str) -> pa.Schema:
 # --- codebook (`codebook.safetensors` + `codebook.json`) -------------------------------------------
 
 CODEBOOK_TENSOR = "centers"  # float32 [K, D]
+
+
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (its header: 8-byte length, then JSON)."""
+    import json
+
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + length]).get("__metadata__", {}) or {}
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 CODEBOOK_META = "codebook.json"
 
