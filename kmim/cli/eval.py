@@ -68,3 +68,16 @@ def knn(
     r = evaluate("knn", source, train, val, KnnConfig(k=k, temperature=temperature, pool=pool))
     typer.echo(f"knn: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
                f"({r['encoder']}, {r['seconds']:.1f}s)")
+
+
+@eval_app.command("compare")
+def compare(
+    runs: list[str] = typer.Argument(..., help="`kmim train` run folders."),
+    output: str = typer.Option("compare", help="Folder for compare.md, compare.json and the PNG plots."),
+) -> None:
+    """Runs side by side (target, K, TCAS, k-NN, linear, fine-tune) as Markdown, plus loss and accuracy plots."""
+    from kmim.trainer.compare import compare as run
+
+    table, plots = run(runs, output)
+    typer.echo(table)
+    typer.echo(f"plots: {', '.join(plots)}")

@@ -64,3 +64,30 @@ def test_unlabelled_data_is_a_clear_error(random_encoder, tmp_path):
         sink.write("a", {"png": buf.getvalue()})
     with pytest.raises(InputError, match="has no labels"):
         evaluate("knn", str(random_encoder), str(tmp_path / "u"), str(tmp_path / "u"), KnnConfig())
+
+
+def test_compare_renders_a_table_and_png_plots(digits_tokens, digits_dir, tmp_path):
+    from pathlib import Path
+
+    from kmim.trainer.config import load_config
+    from kmim.trainer.train import train
+
+    recipe = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits-tiny.yaml")
+    runs = []
+    for target in ("tokens", "pixel"):
+        run = tmp_path / target
+        train(load_config(recipe, [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", f"output={run}",
+                                   f"model.target={target}", "optim.epochs=1", "data.samples_per_epoch=256",
+                                   "data.num_workers=0", "log_every=1"]))
+        evaluate("knn", str(run), str(digits_dir / "train.shards.json"), str(digits_dir / "val.shards.json"), KnnConfig())
+        runs.append(str(run))
+    result = CliRunner().invoke(app, ["eval", "compare", *runs, "--output", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    assert lines[0].startswith("| run | target | K | TCAS | k-NN top-1")
+    tokens_row, pixel_row = lines[2].split("|"), lines[3].split("|")
+    assert tokens_row[2].strip() == "tokens" and tokens_row[3].strip() == "16" and "%" in tokens_row[5]
+    assert pixel_row[2].strip() == "pixel" and pixel_row[3].strip() == "–"
+    for png in ("loss_curves.png", "accuracy.png"):
+        data = (tmp_path / "cmp" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
