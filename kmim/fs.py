@@ -142,6 +142,12 @@ def read_json(url: str) -> Any:
         raise InputError(url, f"not valid JSON ({e})") from None
 
 
+def remove(url: str) -> None:
+    """Delete one file at any fsspec URL."""
+    filesystem, path = get_fs(url)
+    filesystem.rm(path)
+
+
 def sha256_of(url: str, chunk: int = 1 << 22) -> str:
     fs, path = get_fs(url)
     h = hashlib.sha256()

@@ -444,8 +444,7 @@ def _write_codebook(out, features: FeatureSet, config: ClusterConfig, centers: n
                "final_inertia": final_inertia, "empty_cluster_reseeds": meta["empty_cluster_reseeds"],
                "used_codes": int((sizes > 0).sum()), "wall_seconds": round(wall, 3), "workers": workers}
     m.write(out.url)
-    filesystem, path = fs.get_fs(fs.join(out.url, CHECKPOINT))
-    filesystem.rm(path)
+    fs.remove(fs.join(out.url, CHECKPOINT))
     return m
 
 

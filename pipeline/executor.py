@@ -30,7 +30,6 @@ class StageRun:
     reused: dict[str, dict] = field(default_factory=dict)  # shard name -> stats, from an earlier run
     failed: dict[str, str] = field(default_factory=dict)  # shard name -> last error
     retries: int = 0
-    progress: ProgressReporter | None = None
 
     @property
     def all_stats(self) -> dict[str, dict]:
@@ -125,7 +124,6 @@ def run_shards(
     idle = [new_worker() for _ in range(min(num_workers, len(todo)))]
     in_flight: dict[ray.ObjectRef, tuple[Any, ShardRef, int]] = {}
     with ProgressReporter(description, len(todo), unit="shards", item="images") as progress:
-        run.progress = progress
         while todo or in_flight:
             while todo and idle:
                 shard, attempt = todo.pop(0)

@@ -110,7 +110,7 @@ def finish_stage(out: StageOutput, shards: list[ShardRef], shard_stats: dict[str
         **extra_stats,
     }
     m.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if fs.exists(fs.join(out.url, "_failures.json")):
-        fs.get_fs(out.url)[0].rm(fs.get_fs(fs.join(out.url, "_failures.json"))[1])
+    if fs.exists(fs.join(out.url, "_failures.json")):  # failures of an earlier attempt, now retried
+        fs.remove(fs.join(out.url, "_failures.json"))
     m.write(out.url)
     return m

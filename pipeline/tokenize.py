@@ -90,7 +90,6 @@ class TokenizeWorker(ShardWorker):
         c, tok = self.config, self.tokenizer
         seconds = dict.fromkeys(("read", "decode", "compute", "write"), 0.0)
         stats = ReadStats()
-        classes = 0
         cooc: dict[int, np.ndarray] = {}  # label -> token counts of view 0
         codes = np.zeros(tok.k, dtype=np.int64)
         pending: list[tuple] = []

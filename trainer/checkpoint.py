@@ -60,8 +60,7 @@ def save_checkpoint(run_dir: str, step: int, payload: dict, keep: int) -> str:
     torch.save({**payload, "kmim_version": __version__}, buf)
     fs.write_bytes_atomic(url, buf.getvalue())
     for _, old in list_checkpoints(run_dir)[:-keep]:
-        filesystem, p = fs.get_fs(old)
-        filesystem.rm(p)
+        fs.remove(old)
     return url
 
 

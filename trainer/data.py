@@ -168,8 +168,8 @@ def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
-def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: int, k_model: int | None) -> int | None:
-    """Token shards' K, image size and patch size against the model config; returns K."""
+def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: int) -> int | None:
+    """Token shards' image size and patch size against the model config; returns their K."""
     if not shards.has_tokens:
         return None
     cfg = shards.manifest.config  # type: ignore[union-attr]
@@ -178,8 +178,6 @@ def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: i
         problems.append(f"image size {cfg['image_size']} vs model.image_size {image_size}")
     if cfg["patch_size"] != patch_size:
         problems.append(f"patch size {cfg['patch_size']} vs model.patch_size {patch_size}")
-    if k_model is not None and cfg["k"] != k_model:
-        problems.append(f"K {cfg['k']} vs the model's {k_model}")
     if problems:
         raise ConfigError(f"token shards do not match the model: {'; '.join(problems)}")
     return int(cfg["k"])

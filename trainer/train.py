@@ -135,7 +135,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> dict:
     if cfg.model.target == "tokens":
         if not shards.has_tokens:
             raise ConfigError(f"model.target 'tokens' needs token shards (a `kmim pipeline tokenize` output), got {cfg.data.train}")
-        k = check_shards_match_model(shards, cfg.model.image_size, cfg.model.patch_size, None)
+        k = check_shards_match_model(shards, cfg.model.image_size, cfg.model.patch_size)
     elif cfg.model.target == "online":
         from kmim.tokenizer import Tokenizer
 
@@ -145,7 +145,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> dict:
                               f"the model's {cfg.model.image_size}px / patch {cfg.model.patch_size}")
         k = tokenizer.k
     else:
-        check_shards_match_model(shards, cfg.model.image_size, cfg.model.patch_size, None)
+        check_shards_match_model(shards, cfg.model.image_size, cfg.model.patch_size)
         k = None
     torch.manual_seed(cfg.seed)
     model = MaskedImageModel(cfg.model, k).to(device)

@@ -64,5 +64,5 @@ def write_digits(out: str, config: DigitsConfig = DigitsConfig()) -> DatasetWrit
                  for i in chunk]
                 for chunk in chunks
             )
-            writer.write_split(split, samples, len(chunks), progress)
+            writer.write_split(split, samples, progress)
     return writer.finish()

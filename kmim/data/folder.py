@@ -45,7 +45,7 @@ def shard_folder(src: str, out: str, config: FolderShardConfig = FolderShardConf
     stats = writer.result.stats
     read = ReadStats()
     with ProgressReporter("shard", len(dataset.shards), item="images") as progress:
-        writer.write_split(config.split, (_checked_samples(s, read) for s in dataset.shards), len(dataset.shards), progress)
+        writer.write_split(config.split, (_checked_samples(s, read) for s in dataset.shards), progress)
     stats.skipped.extend(read.skipped)
     fs.write_json_atomic(fs.join(writer.out, "classes.json"),
                          {"classes": dataset.classes, "class_to_idx": {c: i for i, c in enumerate(dataset.classes)}})

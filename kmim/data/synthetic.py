@@ -101,5 +101,5 @@ def write_synthetic(out: str, config: SyntheticConfig) -> DatasetWriteResult:
     with ProgressReporter("synthetic", total, item="images") as progress:
         for split, idx in splits:
             chunks = chunked(idx, config.shard_size)
-            writer.write_split(split, ((sample(i) for i in chunk) for chunk in chunks), len(chunks), progress)
+            writer.write_split(split, ((sample(i) for i in chunk) for chunk in chunks), progress)
     return writer.finish()

@@ -6,7 +6,6 @@ Order of commits: every tar (atomically), then `_stats.json` and `config.json`, 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,7 @@ class ShardedDatasetWriter:
         fs.makedirs(self.out)
         fs.remove_stale_temporaries(self.out)
 
-    def write_split(self, split: str, shards: Iterable[Iterable[Sample]], num_shards: int,
+    def write_split(self, split: str, shards: Iterable[Iterable[Sample]],
                     progress: ProgressReporter | None = None) -> None:
         for n, samples in enumerate(shards):
             with write_tar_shard(fs.join(self.out, f"{split}-{n:06d}.tar"), split=split) as sink:
@@ -64,10 +63,10 @@ class ShardedDatasetWriter:
         splits = sorted({e.split for e in r.entries if e.split})
         stats = {
             "command": self.command, "kmim_version": __version__, "seconds": round(r.seconds, 3),
-            "shards": len(r.entries), "samples": r.samples(),
+            "shards": len(r.entries),
             "samples_per_split": {s: r.samples(s) for s in splits}, **r.stats.to_json(),
+            "samples": r.samples(),  # written shards, after the reader's own count
         }
-        stats["samples"] = r.samples()
         fs.write_json_atomic(fs.join(self.out, "_stats.json"), stats)
         fs.write_json_atomic(fs.join(self.out, "config.json"), {"command": self.command, **asdict(self.config)})  # type: ignore[call-overload]
         write_indexes(self.out, r.entries)
@@ -90,6 +89,3 @@ def summary_line(result: DatasetWriteResult) -> str:
 def label_bytes(label: int) -> bytes:
     return str(int(label)).encode()
 
-
-def dumps(obj: object) -> bytes:
-    return json.dumps(obj).encode()
