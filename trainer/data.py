@@ -163,9 +163,13 @@ def collate(items: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tens
 
 
 def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
-    """One loader for the whole run: persistent workers keep their process (and their count of epochs)."""
+    """One loader for the whole run: persistent workers keep their process (and their count of epochs).
+
+    Its own generator: otherwise starting the workers draws from the global torch RNG, at step 0 in a fresh
+    run but at the resume step in a resumed one, and drop path after a resume would not match."""
     return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(stream.seed))
 
 
 def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: int) -> int | None:

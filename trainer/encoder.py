@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 from safetensors.torch import load as st_load_torch
 from safetensors.torch import save as st_save_torch
 
@@ -23,6 +24,7 @@ from kmim.errors import ConfigError, InputError
 from kmim.trainer import model as _registers_micro_vit  # noqa: F401  (timm model registry)
 from kmim.trainer.checkpoint import list_checkpoints, load_checkpoint
 from kmim.trainer.config import config_from_json
+from kmim.trainer.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 POOLS = ("cls", "mean")
@@ -69,7 +71,8 @@ def load_encoder(source: str) -> FrozenEncoder:
     return FrozenEncoder(model.eval(), name, size, fingerprint, home)
 
 
-def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: int = 256,
+                      info: DistInfo = DistInfo()) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(features [N, D], labels [N], info) of view 0 of every labelled image, cached in the encoder's home."""
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -82,22 +85,33 @@ def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: 
         t = st_load_torch(filesystem.cat_file(path))
         return t["features"], t["labels"], {"cached": True, "samples": len(t["labels"]), "skipped": []}
     spec, stats = ViewSpec(encoder.image_size), ReadStats()
-    feats, labels, views = [], [], []
-
-    def flush() -> None:
-        feats.append(encoder.features(np.stack(views), pool).float())
-        views.clear()
-
-    for shard in dataset.shards:
-        for sample, img in iter_images(shard, stats, require_label=True):
+    # Under DDP each rank embeds every world-th shard; the parts are gathered back into shard order.
+    mine = list(range(info.rank, len(dataset.shards), info.world_size))
+    parts: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    for i in mine:
+        feats: list[torch.Tensor] = []
+        labels: list[int] = []
+        views: list[np.ndarray] = []
+        for sample, img in iter_images(dataset.shards[i], stats, require_label=True):
             views.append(to_uint8_array(apply_view(img, center_view(img.width, img.height, spec))))
-            labels.append(sample.label)
+            labels.append(sample.label)  # type: ignore[arg-type]
             if len(views) == batch_size:
-                flush()
-    if views:
-        flush()
-    if not labels:
+                feats.append(encoder.features(np.stack(views), pool).float())
+                views.clear()
+        if views:
+            feats.append(encoder.features(np.stack(views), pool).float())
+        parts[i] = (torch.cat(feats) if feats else torch.zeros(0), labels)
+    skipped = stats.skipped
+    if info.distributed:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, (parts, stats.skipped))  # our own ranks' tensors, not untrusted input
+        parts = {i: p for g in gathered for i, p in g[0].items()}
+        skipped = [s for g in gathered for s in g[1]]
+    ordered = [parts[i] for i in range(len(dataset.shards)) if parts[i][1]]
+    if not ordered:
         raise InputError(data, "has no labels: evaluation needs class labels (.cls members or class folders)")
-    features, label_tensor = torch.cat(feats), torch.tensor(labels, dtype=torch.int64)
-    fs.write_bytes_atomic(cache, st_save_torch({"features": features.contiguous(), "labels": label_tensor}))
-    return features, label_tensor, {"cached": False, "samples": len(labels), "skipped": stats.skipped}
+    features = torch.cat([f for f, _ in ordered])
+    label_tensor = torch.tensor([y for _, ys in ordered for y in ys], dtype=torch.int64)
+    if info.is_main:
+        fs.write_bytes_atomic(cache, st_save_torch({"features": features.contiguous(), "labels": label_tensor}))
+    return features, label_tensor, {"cached": False, "samples": len(label_tensor), "skipped": skipped}

@@ -21,6 +21,7 @@ from torch import nn
 
 from kmim import __version__, fs
 from kmim.errors import ConfigError
+from kmim.trainer.distributed import DistInfo, cleanup, init_distributed
 from kmim.trainer.encoder import POOLS, labelled_features, load_encoder
 
 
@@ -130,11 +131,22 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
 
 def evaluate(protocol: str, source: str, train: str, val: str, cfg: LinearConfig | KnnConfig) -> dict:
-    """Run one protocol on an encoder (run folder or exported file); writes eval-<protocol>.json."""
+    """Run one protocol on an encoder (run folder or exported file); writes eval-<protocol>.json.
+
+    Under torchrun (`--nproc N`) the ranks share the feature extraction, the expensive part; the probe
+    itself runs on the gathered features, on every rank alike, and rank 0 writes the report."""
+    info = init_distributed()
+    try:
+        return _evaluate(protocol, source, train, val, cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _evaluate(protocol: str, source: str, train: str, val: str, cfg: LinearConfig | KnnConfig, info: DistInfo) -> dict:
     start = time.monotonic()
     encoder = load_encoder(source)
-    train_x, train_y, train_info = labelled_features(encoder, train, cfg.pool)
-    val_x, val_y, val_info = labelled_features(encoder, val, cfg.pool)
+    train_x, train_y, train_info = labelled_features(encoder, train, cfg.pool, info=info)
+    val_x, val_y, val_info = labelled_features(encoder, val, cfg.pool, info=info)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     result = (linear_probe if protocol == "linear" else knn_classify)(train_x, train_y, val_x, val_y, num_classes, cfg)  # type: ignore[arg-type]
     report = {
@@ -142,7 +154,8 @@ def evaluate(protocol: str, source: str, train: str, val: str, cfg: LinearConfig
         "source": source, "train": train, "val": val, "train_samples": len(train_y), "val_samples": len(val_y),
         "classes": num_classes, "config": asdict(cfg), "features_cached": train_info["cached"] and val_info["cached"],
         "skipped": train_info["skipped"] + val_info["skipped"], "seconds": round(time.monotonic() - start, 3),
-        "kmim_version": __version__,
+        "kmim_version": __version__, "world_size": info.world_size,
     }
-    fs.write_json_atomic(fs.join(encoder.home, f"eval-{protocol}.json"), report)
+    if info.is_main:
+        fs.write_json_atomic(fs.join(encoder.home, f"eval-{protocol}.json"), report)
     return report

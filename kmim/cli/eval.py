@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Optional
 
 import typer
+
+from kmim.cli.train import relaunch_with_torchrun, wants_torchrun
 
 eval_app = typer.Typer(help="Evaluate tokenizers (TCAS) and encoders.", no_args_is_help=True)
 
@@ -43,13 +47,17 @@ def linear(
     blr: float = typer.Option(0.1, help="Base lr: lr = blr * batch / 256."),
     optimizer: str = typer.Option("sgd", help="sgd, or lars (MAE's; needs a larger --blr at small batch sizes)."),
     seed: int = typer.Option(0, help="Seed of the head init and batch order."),
+    nproc: int = typer.Option(1, help="Local DDP processes sharing the feature extraction (torchrun)."),
 ) -> None:
     """MAE linear probe: frozen encoder, BatchNorm1d(affine=False) + linear head; writes eval-linear.json."""
+    if wants_torchrun(nproc):
+        sys.exit(relaunch_with_torchrun(nproc))
     from kmim.trainer.probe import LinearConfig, evaluate
 
     r = evaluate("linear", source, train, val, LinearConfig(epochs=epochs, batch_size=batch_size, blr=blr,
                                                             optimizer=optimizer, pool=pool, seed=seed))
-    typer.echo(f"linear: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
+    if _is_main():
+        typer.echo(f"linear: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
                f"({r['encoder']}, {r['seconds']:.1f}s)")
 
 
@@ -61,13 +69,58 @@ def knn(
     k: int = typer.Option(20, help="Neighbours."),
     temperature: float = typer.Option(0.07, help="Vote weight exp(similarity / T)."),
     pool: str = typer.Option("cls", help="cls token or mean of patch tokens."),
+    nproc: int = typer.Option(1, help="Local DDP processes sharing the feature extraction (torchrun)."),
 ) -> None:
     """Weighted k-NN on normalised frozen features (DINO's protocol); writes eval-knn.json."""
+    if wants_torchrun(nproc):
+        sys.exit(relaunch_with_torchrun(nproc))
     from kmim.trainer.probe import KnnConfig, evaluate
 
     r = evaluate("knn", source, train, val, KnnConfig(k=k, temperature=temperature, pool=pool))
-    typer.echo(f"knn: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
+    if _is_main():
+        typer.echo(f"knn: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} images "
                f"({r['encoder']}, {r['seconds']:.1f}s)")
+
+
+@eval_app.command("finetune")
+def finetune(
+    source: str = typer.Argument(..., help="A `kmim train` run folder or an exported encoder .safetensors."),
+    train: str = typer.Option(..., help="Labelled training data (shards or image folder)."),
+    val: str = typer.Option(..., help="Labelled validation data."),
+    epochs: int = typer.Option(50, help="Fine-tuning epochs."),
+    batch_size: int = typer.Option(64, help="Batch size per process."),
+    blr: float = typer.Option(1e-3, help="Base lr: lr = blr * global batch / 256."),
+    layer_decay: float = typer.Option(0.75, help="Layer-wise lr decay: block i of L gets lr * decay^(L - i)."),
+    drop_path: float = typer.Option(0.1, help="Stochastic depth rate."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing (also applied to mixup targets)."),
+    mixup: float = typer.Option(0.0, help="Mixup alpha (MAE: 0.8); 0 = off."),
+    cutmix: float = typer.Option(0.0, help="CutMix alpha (MAE: 1.0); 0 = off."),
+    warmup_epochs: float = typer.Option(5.0, help="Linear warmup epochs, then cosine."),
+    weight_decay: float = typer.Option(0.05, help="AdamW weight decay (not on norms, biases, tokens)."),
+    pool: str = typer.Option("mean", help="mean of patch tokens + fc_norm (MAE fine-tuning), or cls."),
+    num_classes: Optional[int] = typer.Option(None, help="Default: 1 + the largest val label."),
+    num_workers: int = typer.Option(1, help="Data loader processes per rank."),
+    seed: int = typer.Option(0, help="Seed of the head init, data order and augmentation."),
+    nproc: int = typer.Option(1, help="Local DDP processes, launched with torchrun (gloo on CPU, NCCL on GPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint in RUN/finetune/."),
+) -> None:
+    """Full fine-tuning: layer-wise lr decay, drop path, label smoothing, mixup/cutmix, DDP; writes eval-finetune.json."""
+    if wants_torchrun(nproc):
+        sys.exit(relaunch_with_torchrun(nproc))
+    from kmim.trainer.finetune import FinetuneConfig, finetune as run
+
+    cfg = FinetuneConfig(epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay, drop_path=drop_path,
+                         label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, warmup_epochs=warmup_epochs,
+                         weight_decay=weight_decay, pool=pool, num_classes=num_classes, num_workers=num_workers,
+                         seed=seed)
+    r = run(source, train, val, cfg, resume=resume)
+    if _is_main():
+        typer.echo(f"finetune: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} "
+                   f"images after {r['steps']} steps on {r['world_size']} process(es) ({r['encoder']}, {r['seconds']:.1f}s)")
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 @eval_app.command("compare")

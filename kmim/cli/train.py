@@ -24,8 +24,8 @@ def train(
         overrides.append(f"data.train={data}")
     if output:
         overrides.append(f"output={output}")
-    if nproc > 1 and "RANK" not in os.environ:
-        sys.exit(_launch_torchrun(nproc, config, overrides, resume))
+    if wants_torchrun(nproc):
+        sys.exit(relaunch_with_torchrun(nproc))
     from kmim.trainer.config import load_config
     from kmim.trainer.train import train as run
 
@@ -35,15 +35,24 @@ def train(
                    f"{summary['images_per_s']:.1f} images/s on {summary['world_size']} process(es)")
 
 
-def _launch_torchrun(nproc: int, config: Optional[str], overrides: list[str], resume: bool) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "kmim", "train"]
-    if config:
-        cmd += ["--config", config]
-    if resume:
-        cmd.append("--resume")
+def relaunch_with_torchrun(nproc: int) -> int:
+    """Run this very command line again as `nproc` local DDP processes under torchrun (which sets RANK,
+    so the children do the work instead of relaunching)."""
+    args, rest = [], iter(sys.argv[1:])
+    for arg in rest:  # the children must not relaunch, and torchrun would take `--nproc` for its own option
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    # `--` ends torchrun's options: its parser would take e.g. `--run` for an abbreviation of `--run-path`.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "--", "kmim", *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local processes talk over loopback only
-    return subprocess.call(cmd + overrides, env=env)
+    return subprocess.call(cmd, env=env)
+
+
+def wants_torchrun(nproc: int) -> bool:
+    return nproc > 1 and "RANK" not in os.environ
 
 
 def export(
