@@ -11,6 +11,7 @@ from kmim import __version__
 from kmim.cli.data import data_app
 from kmim.cli.eval import eval_app
 from kmim.cli.pipeline import pipeline_app
+from kmim.cli.theory import theory_app
 from kmim.cli.train import export, train
 from kmim.errors import KmimError
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(eval_app, name="eval")
+app.add_typer(theory_app, name="theory")
 app.command("train")(train)
 app.command("export")(export)
 
