@@ -27,7 +27,7 @@ def collect(run_dir: str) -> dict:
         raise InputError(run_dir, "no config.json: not a `kmim train` run folder")
     cfg = fs.read_json(config_url)
     tokens = _tokens_manifest(cfg["data"]["train"])
-    row = {"run": run_dir, "name": fs.basename(run_dir), "recipe": cfg.get("name"), "target": cfg["model"]["target"],
+    row = {"run": run_dir, "name": cfg.get("name") or fs.basename(run_dir), "recipe": cfg.get("name"), "target": cfg["model"]["target"],
            "encoder": cfg["model"]["encoder"], "seed": cfg["seed"],
            "k": tokens.config["k"] if tokens and cfg["model"]["target"] != "pixel" else None,
            "tcas": tokens.stats.get("tcas") if tokens and cfg["model"]["target"] != "pixel" else None}

@@ -130,11 +130,29 @@ def _build(cls: type, values: dict, where: str) -> Any:
                 raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
             kwargs[name] = _build(typ, value, f"{where}.{name}")
         else:
-            kwargs[name] = value
+            kwargs[name] = _check_type(value, typ, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_type(value: Any, typ: Any, where: str) -> Any:
+    """Numbers where numbers are declared. YAML 1.1 reads `1e-3` (no dot) as a string: accept that as a float."""
+    allowed = set(getattr(typ, "__args__", ())) or {typ}
+    if value is None or isinstance(value, bool) and bool in allowed:
+        return value
+    if float in allowed and isinstance(value, (int, float)):
+        return float(value) if not isinstance(value, bool) else value
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if int in allowed and not isinstance(value, int) or int in allowed and isinstance(value, bool):
+        if not (str in allowed and isinstance(value, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
 
 
 def _parse_value(text: str) -> Any:
@@ -171,6 +189,8 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{recipe}: a recipe is a mapping of sections")
         raw = loaded.get("train", loaded)  # a full pipeline recipe keeps the trainer under `train:`
+        if raw is not loaded and "name" in loaded:
+            raw = {"name": loaded["name"], **raw}
     raw = apply_overrides(json.loads(json.dumps(raw)), list(overrides))
     return _build(TrainConfig, raw, "config")
 

@@ -10,7 +10,9 @@ import typer
 from kmim import __version__
 from kmim.cli.data import data_app
 from kmim.cli.eval import eval_app
+from kmim.cli.jobs import jobs_app, submit
 from kmim.cli.pipeline import pipeline_app
+from kmim.cli.run import ls, run, show
 from kmim.cli.theory import theory_app
 from kmim.cli.train import export, train
 from kmim.errors import KmimError
@@ -26,6 +28,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(eval_app, name="eval")
 app.add_typer(theory_app, name="theory")
+app.add_typer(jobs_app, name="jobs")
+app.command("run")(run)
+app.command("ls")(ls)
+app.command("show")(show)
+app.command("submit")(submit)
 app.command("train")(train)
 app.command("export")(export)
 
@@ -46,6 +53,8 @@ def root(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # faiss logs every CPU-feature probe at INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "manifests" / "recipes")
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_loads_and_validates(recipe):
     cfg = load_config(str(recipe))
-    assert cfg.model.mask_ratio == 0.75 and cfg.optim.weight_decay == 0.05 and cfg.name == recipe.stem
+    assert cfg.model.mask_ratio == 0.75 and cfg.optim.weight_decay == 0.05 and cfg.name == recipe.name.split(".")[0]
 
 
 def test_paper_settings_in_the_recipes():

@@ -1,0 +1,115 @@
+"""The `kmim run` recipe: one YAML file for the whole K-MIM job (see manifests/recipes/digits.yaml).
+
+Sections: `data` (`builtin: digits`, or `train` / `val` URLs), `extract`, `cluster`, `tokenize` (the stage
+configs, validated by their own dataclasses), `train` (a `kmim train` config tree; `kmim train --config`
+reads the same file), `runs` (named variants of `train` as dotted overrides) and `eval` (protocols and
+their settings). Everything is validated when the recipe is loaded, before any stage runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from kmim import fs
+from kmim.data.digits import DigitsConfig
+from kmim.errors import ConfigError
+from kmim.pipeline.cluster import ClusterConfig
+from kmim.pipeline.extract import ExtractConfig
+from kmim.pipeline.tokenize import TokenizeConfig
+from kmim.trainer.config import TrainConfig, _build, apply_overrides
+from kmim.trainer.probe import KnnConfig, LinearConfig
+
+STAGES = ("data", "extract", "cluster", "tokenize", "train", "eval")
+BUILTINS = ("digits",)
+SECTIONS = ("name", "data", "extract", "cluster", "tokenize", "train", "runs", "eval")
+EVAL_CONFIGS = {"knn": KnnConfig, "linear": LinearConfig}
+
+
+def flatten(d: dict, prefix: str = "") -> list[str]:
+    """{"a": {"b": 1}, "c.d": 2} -> ["a.b=1", "c.d=2"]: variant overrides may be nested or dotted."""
+    out = []
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+@dataclass(frozen=True)
+class PipelineRecipe:
+    name: str
+    source: str  # the recipe file
+    builtin: str | None
+    train_data: str | None
+    val_data: str | None
+    digits: DigitsConfig
+    extract: ExtractConfig
+    cluster: ClusterConfig
+    tokenize: TokenizeConfig
+    train_raw: dict
+    runs: dict[str, list[str]]  # variant -> dotted overrides of `train`
+    evals: dict[str, Any] = field(default_factory=dict)  # protocol -> KnnConfig | LinearConfig
+    raw: dict = field(default_factory=dict)
+
+    def train_config(self, run: str, data_train: str, output: str) -> TrainConfig:
+        """The variant's resolved config (validated), reading `data_train` and writing to `output`."""
+        if run not in self.runs:
+            raise ConfigError(f"{self.source}: no run {run!r} (runs: {', '.join(self.runs)})")
+        raw = apply_overrides(json.loads(json.dumps(self.train_raw)), self.runs[run])
+        raw = apply_overrides(raw, [f"data.train={data_train}", f"output={output}", f"name={self.name}/{run}"])
+        return _build(TrainConfig, raw, f"{self.source}: runs.{run}")
+
+
+def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
+    """Read and validate a recipe; `sets` are dotted `key=value` overrides of the recipe itself."""
+    filesystem, local = fs.get_fs(path)
+    if not filesystem.exists(local):
+        raise ConfigError(f"{path}: no such recipe file")
+    with filesystem.open(local, "r") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    raw = apply_overrides(raw, list(sets))
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    data = raw.get("data") or {}
+    builtin = data.get("builtin")
+    if builtin is not None and builtin not in BUILTINS:
+        raise ConfigError(f"{path}: data.builtin must be one of {BUILTINS}, got {builtin!r}")
+    if builtin is None and not (data.get("train") and data.get("val")):
+        raise ConfigError(f"{path}: data needs `builtin: digits` or both `train` and `val` URLs")
+
+    def section(name: str, cls: type, extra: dict | None = None) -> Any:
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: `{name}` must be a mapping")
+        return _build(cls, {**(extra or {}), **values}, f"{path}: {name}")
+
+    runs_raw = raw.get("runs") or {"default": {}}
+    if not isinstance(runs_raw, dict):
+        raise ConfigError(f"{path}: `runs` maps variant names to overrides")
+    runs = {str(name): flatten(overrides or {}) for name, overrides in runs_raw.items()}
+    evals = {}
+    for protocol, values in (raw.get("eval") or {}).items():
+        if protocol not in EVAL_CONFIGS:
+            raise ConfigError(f"{path}: eval.{protocol}: protocols are {', '.join(EVAL_CONFIGS)} "
+                              "(fine-tuning: `kmim eval finetune` on the run folder)")
+        evals[protocol] = _build(EVAL_CONFIGS[protocol], values or {}, f"{path}: eval.{protocol}")
+    recipe = PipelineRecipe(
+        name=str(raw.get("name") or fs.basename(path).rsplit(".", 1)[0]), source=path, builtin=builtin,
+        train_data=data.get("train"), val_data=data.get("val"),
+        digits=_build(DigitsConfig, {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
+                      f"{path}: data"),
+        extract=section("extract", ExtractConfig), cluster=section("cluster", ClusterConfig),
+        tokenize=section("tokenize", TokenizeConfig), train_raw=raw.get("train") or {}, runs=runs, evals=evals,
+        raw=raw,
+    )
+    for run in runs:  # every variant must build a valid training config now, not after an hour of pipeline
+        recipe.train_config(run, "<tokens>", "<output>")
+    return recipe

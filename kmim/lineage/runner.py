@@ -1,0 +1,262 @@
+"""`kmim run`: the recipe's stages in order, each in ROOT/<stage>/<fingerprint>/, reusing what is finished.
+
+A stage's fingerprint is computed from its inputs' fingerprints, its config and the kmim version before it
+runs, so the path alone says whether the work exists: a second run with the same recipe reuses every
+finished stage; changing only `train` re-runs only training; changing K re-runs cluster, tokenize and the
+token-target training, not extract (and not the pixel-target MAE baseline, which reads the images). An
+unfinished stage is resumed by the stage itself. Each stage folder gets a `lineage.json` (what made it,
+from what) written before the work starts, so `kmim ls` shows unfinished work too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from kmim import __version__, fs
+from kmim.contract.manifest import StageManifest, digest, fingerprint_inputs, stage_fingerprint
+from kmim.data.reader import open_dataset
+from kmim.errors import ConfigError, InputError
+from kmim.lineage.recipe import STAGES, PipelineRecipe
+
+log = logging.getLogger(__name__)
+LINEAGE_NAME = "lineage.json"
+PATH_DIGITS = 16  # hex digits of the fingerprint in the folder name (64 bits)
+
+
+@dataclass
+class Step:
+    stage: str
+    name: str
+    path: str
+    fingerprint: str
+    status: str = "planned"  # reused | ran | resumed | skipped
+    seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    recipe: str
+    root: str
+    steps: list[Step] = field(default_factory=list)
+    compare_table: str | None = None
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    stage: str
+    fingerprint: str
+    path: str
+
+
+def artifact_path(root: str, stage: str, fingerprint: str) -> str:
+    return fs.join(root, stage, fingerprint[:PATH_DIGITS])
+
+
+def write_lineage(art: Artifact, recipe: PipelineRecipe, config: dict, inputs: list[dict]) -> None:
+    url = fs.join(art.path, LINEAGE_NAME)
+    if fs.exists(url):
+        return
+    fs.makedirs(art.path)
+    fs.write_json_atomic(url, {
+        "stage": art.stage, "fingerprint": art.fingerprint, "path": art.path, "inputs": inputs, "config": config,
+        "kmim_version": __version__, "recipe": recipe.name, "recipe_file": recipe.source,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
+def _ref(art: Artifact) -> dict:
+    return {"stage": art.stage, "fingerprint": art.fingerprint, "path": art.path}
+
+
+class Runner:
+    def __init__(self, recipe: PipelineRecipe, root: str, stages: list[str], runs: list[str] | None,
+                 nproc: int = 1, address: str | None = None, sets: list[str] = ()):
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+        missing = [r for r in runs or [] if r not in recipe.runs]
+        if missing:
+            raise ConfigError(f"{recipe.source}: no run(s) {', '.join(missing)} (runs: {', '.join(recipe.runs)})")
+        self.recipe, self.root, self.stages = recipe, root.rstrip("/"), stages
+        self.runs = runs or list(recipe.runs)
+        self.nproc, self.address, self.sets = nproc, address, list(sets)
+        self.report = RunReport(recipe.source, self.root)
+        self.under_torchrun = "RANK" in os.environ
+        self.is_main = int(os.environ.get("RANK", 0)) == 0
+        self._ray: contextlib.ExitStack | None = None
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def _begin(self, art: Artifact, name: str, config: dict, inputs: list[dict]) -> Step:
+        step = Step(art.stage, name, art.path, art.fingerprint)
+        self.report.steps.append(step)
+        if art.stage in self.stages and self.is_main:
+            write_lineage(art, self.recipe, config, inputs)
+        return step
+
+    def _need(self, step: Step, done: bool) -> bool:
+        """Whether to run this step now; a stage not selected must already be finished."""
+        if done:
+            step.status = "reused"
+            self._say(f"{step.name}: reused {step.path}")
+            return False
+        if step.stage not in self.stages:
+            raise InputError(step.path, f"{step.name} is not finished and --stages does not include {step.stage}; "
+                                        "run that stage first")
+        return True
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def _timed(self, step: Step, resumed: bool, fn) -> object:  # noqa: ANN001
+        self._say(f"{step.name}: {'resuming' if resumed else 'running'} -> {step.path}")
+        start = time.monotonic()
+        out = fn()
+        step.seconds = round(time.monotonic() - start, 3)
+        step.status = "resumed" if resumed else "ran"
+        return out
+
+    # --- stages -----------------------------------------------------------------------------------
+
+    def data(self) -> tuple[Artifact, str, str]:
+        """(artifact, train spec, val spec); external data is an artifact of its own identity, not a stage."""
+        r = self.recipe
+        if r.builtin is None:
+            ids = [[s.input_ref().identity() for s in open_dataset(spec).shards] for spec in (r.train_data, r.val_data)]
+            art = Artifact("data", digest({"train": ids[0], "val": ids[1]}), r.train_data)  # type: ignore[arg-type]
+            return art, r.train_data, r.val_data  # type: ignore[return-value]
+        config = {"builtin": r.builtin, **asdict(r.digits)}
+        art = Artifact("data", stage_fingerprint("data", digest(r.builtin), config), "")
+        art = Artifact("data", art.fingerprint, artifact_path(self.root, "data", art.fingerprint))
+        step = self._begin(art, "data", config, [{"builtin": r.builtin}])
+        if self._need(step, fs.exists(fs.join(art.path, "shards.json"))):
+            from kmim.data.digits import write_digits
+
+            self._timed(step, False, lambda: write_digits(art.path, r.digits))
+        return art, fs.join(art.path, "train.shards.json"), fs.join(art.path, "val.shards.json")
+
+    def _pipeline_stage(self, stage: str, config: dict, upstream: list[Artifact], work) -> Artifact:  # noqa: ANN001
+        fp = stage_fingerprint(stage, digest([u.fingerprint for u in upstream]), config)
+        art = Artifact(stage, fp, artifact_path(self.root, stage, fp))
+        step = self._begin(art, stage, config, [_ref(u) for u in upstream])
+        manifest = StageManifest.read_if_committed(art.path) if fs.exists(art.path) else None
+        if self._need(step, manifest is not None):
+            resumed = fs.exists(fs.join(art.path, "_claim.json"))
+            if self._ray is None:  # one Ray for all pipeline stages that run, none when all are reused
+                from kmim.pipeline.ray_runtime import ray_session
+
+                self._ray = contextlib.ExitStack()
+                self._ray.enter_context(ray_session(self.address))
+            self._timed(step, resumed, lambda: work(art.path))
+        return art
+
+    def train(self, run: str, tokens: Artifact, data: Artifact, train_spec: str) -> Artifact:
+        probe = self.recipe.train_config(run, "<input>", "<output>")
+        source = tokens if probe.model.target != "pixel" or not train_spec.endswith(".json") else data
+        data_train = fs.join(source.path, "shards.json") if source is tokens else train_spec
+        config = probe.to_json()
+        config["data"].pop("train")
+        config.pop("output")
+        fp = stage_fingerprint("train", digest([source.fingerprint]), config)
+        art = Artifact("train", fp, artifact_path(self.root, "train", fp))
+        step = self._begin(art, f"train/{run}", config, [_ref(source)])
+        cfg = self.recipe.train_config(run, data_train, art.path)
+        if self._need(step, fs.exists(fs.join(art.path, "train_summary.json"))):
+            from kmim.trainer.checkpoint import list_checkpoints
+
+            resumed = bool(list_checkpoints(art.path))  # a killed or requeued run continues where it stopped
+            if self.nproc > 1 and not self.under_torchrun:
+                self._timed(step, resumed, lambda: self._torchrun_train(run))
+            else:
+                from kmim.trainer.train import train
+
+                self._timed(step, resumed, lambda: train(cfg, resume=resumed))
+        return art
+
+    def _torchrun_train(self, run: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}", "-m",
+               "--", "kmim", "run", self.recipe.source, "--root", self.root, "--stages", "train", "--run", run]
+        for s in self.sets:
+            cmd += ["--set", s]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))}
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        if subprocess.call(cmd, env=env) != 0:
+            raise ConfigError(f"train/{run}: torchrun with {self.nproc} processes failed (see its log above)")
+
+    def evaluate(self, run: str, art: Artifact, train_spec: str, val_spec: str) -> None:
+        from kmim.trainer.probe import evaluate
+
+        for protocol, cfg in self.recipe.evals.items():
+            step = Step("eval", f"eval/{run}/{protocol}", fs.join(art.path, f"eval-{protocol}.json"), art.fingerprint)
+            self.report.steps.append(step)
+            url = step.path
+            done = fs.exists(url) and (lambda r: r["config"] == asdict(cfg) and r["train"] == train_spec
+                                       and r["val"] == val_spec)(fs.read_json(url))
+            if self._need(step, done):
+                r = self._timed(step, False, lambda: evaluate(protocol, art.path, train_spec, val_spec, cfg))
+                self._say(f"{step.name}: top-1 {100 * r['top1']:.2f} %")  # type: ignore[index]
+
+    def compare(self, runs: list[Artifact]) -> None:
+        from kmim.trainer.compare import compare
+
+        out = artifact_path(self.root, "compare", digest([a.fingerprint for a in runs] + [sorted(self.recipe.evals)]))
+        table, _ = compare([a.path for a in runs], out)
+        self.report.compare_table = table
+        self._say(table)
+        self._say(f"compare: {out}")
+
+    # --- the whole recipe -------------------------------------------------------------------------
+
+    def run(self) -> RunReport:
+        r = self.recipe
+        try:
+            data, train_spec, val_spec = self.data()
+            extract_cfg, cluster_cfg, tokenize_cfg = asdict(r.extract), asdict(r.cluster), asdict(r.tokenize)
+            from kmim.pipeline.cluster import cluster
+            from kmim.pipeline.extract import extract
+            from kmim.pipeline.tokenize import tokenize
+
+            feats = self._pipeline_stage("extract", extract_cfg, [data],
+                                         lambda out: extract(train_spec, out, r.extract, self.address))
+            codebook = self._pipeline_stage("cluster", cluster_cfg, [feats],
+                                            lambda out: cluster(feats.path, out, r.cluster, self.address))
+            tokens = self._pipeline_stage("tokenize", tokenize_cfg, [data, codebook],
+                                          lambda out: tokenize(train_spec, out, codebook.path, r.tokenize,
+                                                               address=self.address))
+        finally:
+            if self._ray is not None:
+                self._ray.close()
+                self._ray = None
+        trained = []
+        if "train" in self.stages or "eval" in self.stages:
+            for run in self.runs:
+                trained.append(self.train(run, tokens, data, train_spec))
+        if "eval" in self.stages and self.is_main and not self.under_torchrun:
+            for run, art in zip(self.runs, trained):
+                self.evaluate(run, art, train_spec, val_spec)
+            self.compare(trained)
+        if self.is_main:
+            self._write_report()
+        return self.report
+
+    def _write_report(self) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        url = fs.join(self.root, "runs", f"{self.recipe.name}-{stamp}-{os.getpid()}.json")
+        fs.write_json_atomic(url, {"recipe": self.recipe.source, "root": self.root, "stages": self.stages,
+                                   "runs": self.runs, "kmim_version": __version__, "recipe_config": self.recipe.raw,
+                                   "steps": [asdict(s) for s in self.report.steps]})
+
+
+def run_recipe(recipe: PipelineRecipe, root: str, stages: list[str] | None = None, runs: list[str] | None = None,
+               nproc: int = 1, address: str | None = None, sets: list[str] = ()) -> RunReport:
+    return Runner(recipe, root, list(stages or STAGES), runs, nproc, address, sets).run()
