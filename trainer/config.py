@@ -135,6 +135,8 @@ def _build(cls: type, values: dict, where: str) -> Any:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # say which file / section the bad value came from
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
 
 def _check_type(value: Any, typ: Any, where: str) -> Any:

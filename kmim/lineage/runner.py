@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 from kmim import __version__, fs
@@ -251,7 +252,7 @@ class Runner:
 
     def _write_report(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        url = fs.join(self.root, "runs", f"{self.recipe.name}-{stamp}-{os.getpid()}.json")
+        url = fs.join(self.root, "runs", f"{self.recipe.name}-{stamp}-{uuid.uuid4().hex[:8]}.json")
         fs.write_json_atomic(url, {"recipe": self.recipe.source, "root": self.root, "stages": self.stages,
                                    "runs": self.runs, "kmim_version": __version__, "recipe_config": self.recipe.raw,
                                    "steps": [asdict(s) for s in self.report.steps]})

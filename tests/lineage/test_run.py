@@ -1,0 +1,80 @@
+"""`kmim run`: content-derived stage folders, reuse across runs, re-running only what a change touches,
+`kmim ls` / `kmim show`."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kmim.cli import app
+from kmim.errors import ConfigError
+from kmim.lineage.recipe import load_recipe
+from kmim.lineage.runner import run_recipe
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits.yaml")
+SMALL = ["data.shard_size=256", "cluster.epochs=2", "train.optim.epochs=1", "train.data.samples_per_epoch=256",
+         "train.data.num_workers=0", "train.checkpoint.every_steps=2", "eval.linear.epochs=2"]
+
+
+def _status(report):
+    return {s.name: s.status for s in report.steps}
+
+
+@pytest.mark.slow
+def test_reuse_and_partial_reruns(ray_local, tmp_path):
+    root = str(tmp_path / "root")
+    first = run_recipe(load_recipe(RECIPE, SMALL), root)
+    names = ["data", "extract", "cluster", "tokenize", "train/kmim-pixel-k50", "train/mae",
+             "eval/kmim-pixel-k50/knn", "eval/kmim-pixel-k50/linear", "eval/mae/knn", "eval/mae/linear"]
+    assert list(_status(first)) == names and set(_status(first).values()) == {"ran"}
+    assert "| digits/kmim-pixel-k50 | tokens | 50 |" in first.compare_table
+    for step in first.steps[:6]:  # ROOT/<stage>/<fingerprint[:16]>
+        assert Path(step.path).relative_to(root).parts == (step.stage, step.fingerprint[:16])
+
+    second = run_recipe(load_recipe(RECIPE, SMALL), root)
+    assert set(_status(second).values()) == {"reused"}
+    assert [s.path for s in second.steps] == [s.path for s in first.steps]
+
+    only_mae = _status(run_recipe(load_recipe(RECIPE, SMALL + ["runs.mae.seed=1"]), root))
+    assert {n for n, s in only_mae.items() if s == "ran"} == {"train/mae", "eval/mae/knn", "eval/mae/linear"}
+
+    new_k = run_recipe(load_recipe(RECIPE, SMALL + ["cluster.k=20"]), root)
+    ran = {n for n, s in _status(new_k).items() if s == "ran"}
+    assert ran == {"cluster", "tokenize", "train/kmim-pixel-k50", "eval/kmim-pixel-k50/knn", "eval/kmim-pixel-k50/linear"}
+    assert "| digits/kmim-pixel-k50 | tokens | 20 |" in new_k.compare_table
+
+    listing = CliRunner().invoke(app, ["ls", "--root", root])
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.strip().splitlines()
+    assert sum(line.startswith("cluster") for line in lines) == 2 and sum(line.startswith("train") for line in lines) == 4
+    assert any("K=20" in line for line in lines) and any("K=50" in line for line in lines)
+    extract_line = next(line for line in lines if line.startswith("extract"))
+    assert extract_line.count("cluster/") == 2 and "finished" in extract_line  # one extract feeds both codebooks
+    cluster_dir = new_k.step("cluster").path
+    shown = CliRunner().invoke(app, ["show", cluster_dir])
+    assert shown.exit_code == 0, shown.output
+    info = json.loads(shown.output)
+    assert info["lineage.json"]["inputs"][0]["stage"] == "extract" and info["manifest.json"]["config"]["k"] == 20
+    reports = list((Path(root) / "runs").glob("digits-*.json"))
+    assert len(reports) == 4 and all(json.loads(r.read_text())["steps"] for r in reports)
+
+
+def test_a_bad_recipe_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(ConfigError, match="cluster.*k"):
+        load_recipe(RECIPE, ["cluster.k=zero"])
+    with pytest.raises(ConfigError, match="runs.mae"):
+        load_recipe(RECIPE, ["runs.mae.model.target=jpeg"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_recipe(RECIPE, ["trian.seed=1"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        run_recipe(load_recipe(RECIPE), str(tmp_path), stages=["extract", "cluser"])
+
+
+@pytest.mark.slow
+def test_a_stage_left_out_must_already_be_finished(ray_local, tmp_path):
+    from kmim.errors import InputError
+
+    with pytest.raises(InputError, match="--stages does not include extract"):
+        run_recipe(load_recipe(RECIPE, SMALL), str(tmp_path), stages=["data", "cluster"])
+    assert (tmp_path / "data").exists()  # the stages asked for did run
