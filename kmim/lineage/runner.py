@@ -24,6 +24,7 @@ from kmim.contract.manifest import StageManifest, digest, fingerprint_inputs, st
 from kmim.data.reader import open_dataset
 from kmim.errors import ConfigError, InputError
 from kmim.lineage.recipe import STAGES, PipelineRecipe
+from kmim.pipeline.stage import STAGE_CLAIM
 
 log = logging.getLogger(__name__)
 LINEAGE_NAME = "lineage.json"
@@ -152,7 +153,7 @@ class Runner:
         step = self._begin(art, stage, config, [_ref(u) for u in upstream])
         manifest = StageManifest.read_if_committed(art.path) if fs.exists(art.path) else None
         if self._need(step, manifest is not None):
-            resumed = fs.exists(fs.join(art.path, "_claim.json"))
+            resumed = fs.exists(fs.join(art.path, STAGE_CLAIM))
             if self._ray is None:  # one Ray for all pipeline stages that run, none when all are reused
                 from kmim.pipeline.ray_runtime import ray_session
 
