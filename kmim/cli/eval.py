@@ -100,6 +100,7 @@ def finetune(
     pool: str = typer.Option("mean", help="mean of patch tokens + fc_norm (MAE fine-tuning), or cls."),
     num_classes: Optional[int] = typer.Option(None, help="Default: 1 + the largest val label."),
     num_workers: int = typer.Option(1, help="Data loader processes per rank."),
+    samples_per_epoch: Optional[int] = typer.Option(None, help="Default: the training data's sample count."),
     seed: int = typer.Option(0, help="Seed of the head init, data order and augmentation."),
     nproc: int = typer.Option(1, help="Local DDP processes, launched with torchrun (gloo on CPU, NCCL on GPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last epoch checkpoint in RUN/finetune/."),
@@ -112,7 +113,7 @@ def finetune(
     cfg = FinetuneConfig(epochs=epochs, batch_size=batch_size, blr=blr, layer_decay=layer_decay, drop_path=drop_path,
                          label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, warmup_epochs=warmup_epochs,
                          weight_decay=weight_decay, pool=pool, num_classes=num_classes, num_workers=num_workers,
-                         seed=seed)
+                         samples_per_epoch=samples_per_epoch, seed=seed)
     r = run(source, train, val, cfg, resume=resume)
     if _is_main():
         typer.echo(f"finetune: top-1 {100 * r['top1']:.2f} %, top-5 {100 * r['top5']:.2f} % on {r['val_samples']} "
