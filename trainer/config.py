@@ -116,7 +116,7 @@ class TrainConfig:
         fs.write_json_atomic(url, self.to_json())
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
+def build_config(cls: type, values: dict, where: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
@@ -128,7 +128,7 @@ def _build(cls: type, values: dict, where: str) -> Any:
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(typ, value, f"{where}.{name}")
+            kwargs[name] = build_config(typ, value, f"{where}.{name}")
         else:
             kwargs[name] = _check_type(value, typ, f"{where}.{name}")
     try:
@@ -180,22 +180,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_recipe(recipe: str) -> dict:
+    """A recipe file (local path or fsspec URL) as a mapping of sections."""
+    filesystem, path = fs.get_fs(recipe)
+    if not filesystem.exists(path):
+        raise ConfigError(f"{recipe}: no such recipe file")
+    with filesystem.open(path, "r") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{recipe}: a recipe is a mapping of sections")
+    return loaded
+
+
 def load_config(recipe: str | None, overrides: list[str] = ()) -> TrainConfig:
     raw: dict = {}
     if recipe:
-        filesystem, path = fs.get_fs(recipe)
-        if not filesystem.exists(path):
-            raise ConfigError(f"{recipe}: no such recipe file")
-        with filesystem.open(path, "r") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{recipe}: a recipe is a mapping of sections")
+        loaded = read_recipe(recipe)
         raw = loaded.get("train", loaded)  # a full pipeline recipe keeps the trainer under `train:`
         if raw is not loaded and "name" in loaded:
             raw = {"name": loaded["name"], **raw}
     raw = apply_overrides(json.loads(json.dumps(raw)), list(overrides))
-    return _build(TrainConfig, raw, "config")
+    return build_config(TrainConfig, raw, "config")
 
 
 def config_from_json(d: dict) -> TrainConfig:
-    return _build(TrainConfig, d, "config")
+    return build_config(TrainConfig, d, "config")

@@ -12,15 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from kmim import fs
 from kmim.data.digits import DigitsConfig
 from kmim.errors import ConfigError
 from kmim.pipeline.cluster import ClusterConfig
 from kmim.pipeline.extract import ExtractConfig
 from kmim.pipeline.tokenize import TokenizeConfig
-from kmim.trainer.config import TrainConfig, _build, apply_overrides
+from kmim.trainer.config import TrainConfig, build_config, apply_overrides, read_recipe
 from kmim.trainer.probe import KnnConfig, LinearConfig
 
 STAGES = ("data", "extract", "cluster", "tokenize", "train", "eval")
@@ -62,19 +60,12 @@ class PipelineRecipe:
             raise ConfigError(f"{self.source}: no run {run!r} (runs: {', '.join(self.runs)})")
         raw = apply_overrides(json.loads(json.dumps(self.train_raw)), self.runs[run])
         raw = apply_overrides(raw, [f"data.train={data_train}", f"output={output}", f"name={self.name}/{run}"])
-        return _build(TrainConfig, raw, f"{self.source}: runs.{run}")
+        return build_config(TrainConfig, raw, f"{self.source}: runs.{run}")
 
 
 def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
     """Read and validate a recipe; `sets` are dotted `key=value` overrides of the recipe itself."""
-    filesystem, local = fs.get_fs(path)
-    if not filesystem.exists(local):
-        raise ConfigError(f"{path}: no such recipe file")
-    with filesystem.open(local, "r") as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections")
-    raw = apply_overrides(raw, list(sets))
+    raw = apply_overrides(read_recipe(path), list(sets))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
@@ -89,7 +80,7 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
         values = raw.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: `{name}` must be a mapping")
-        return _build(cls, {**(extra or {}), **values}, f"{path}: {name}")
+        return build_config(cls, {**(extra or {}), **values}, f"{path}: {name}")
 
     runs_raw = raw.get("runs") or {"default": {}}
     if not isinstance(runs_raw, dict):
@@ -100,11 +91,11 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
         if protocol not in EVAL_CONFIGS:
             raise ConfigError(f"{path}: eval.{protocol}: protocols are {', '.join(EVAL_CONFIGS)} "
                               "(fine-tuning: `kmim eval finetune` on the run folder)")
-        evals[protocol] = _build(EVAL_CONFIGS[protocol], values or {}, f"{path}: eval.{protocol}")
+        evals[protocol] = build_config(EVAL_CONFIGS[protocol], values or {}, f"{path}: eval.{protocol}")
     recipe = PipelineRecipe(
         name=str(raw.get("name") or fs.basename(path).rsplit(".", 1)[0]), source=path, builtin=builtin,
         train_data=data.get("train"), val_data=data.get("val"),
-        digits=_build(DigitsConfig, {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
+        digits=build_config(DigitsConfig, {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
                       f"{path}: data"),
         extract=section("extract", ExtractConfig), cluster=section("cluster", ClusterConfig),
         tokenize=section("tokenize", TokenizeConfig), train_raw=raw.get("train") or {}, runs=runs, evals=evals,
