@@ -35,6 +35,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         # Under `uv run`, Ray would rebuild the driver's environment for the workers (a fresh venv per
         # session). Local workers run on this very interpreter, so that only costs time.
         ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+        # `_node_ip_address="127.0.0.1"` alone is not enough: Ray swaps loopback for the machine's address
+        # and its GCS, raylet and agents listen on every interface. Ray's "no clusters" mode (meant for
+        # laptops) keeps every process on loopback; its processes read it from the environment.
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         log.info("starting an embedded Ray on 127.0.0.1 with %d CPUs", cpus)
         ray.init(
             address="local",  # a new instance even if a `ray start` cluster runs on this machine
