@@ -4,7 +4,8 @@ A stage's fingerprint is computed from its inputs' fingerprints, its config and 
 runs, so the path alone says whether the work exists: a second run with the same recipe reuses every
 finished stage; changing only `train` re-runs only training; changing K re-runs cluster, tokenize and the
 token-target training, not extract (and not the pixel-target MAE baseline, which reads the images). An
-unfinished stage is resumed by the stage itself. Each stage folder gets a `lineage.json` (what made it,
+unfinished stage is resumed by the stage itself. When only pixel-target runs are asked for (`--run mae`) on
+the built-in data, extract, cluster and tokenize are skipped: nothing selected reads their output. Each stage folder gets a `lineage.json` (what made it,
 from what) written before the work starts, so `kmim ls` shows unfinished work too.
 """
 
@@ -162,9 +163,10 @@ class Runner:
             self._timed(step, resumed, lambda: work(art.path))
         return art
 
-    def train(self, run: str, tokens: Artifact, data: Artifact, train_spec: str) -> Artifact:
+    def train(self, run: str, tokens: Artifact | None, data: Artifact, train_spec: str) -> Artifact:
         probe = self.recipe.train_config(run, "<input>", "<output>")
-        source = tokens if probe.model.target != "pixel" or not train_spec.endswith(".json") else data
+        source = tokens if self._train_source_is_tokens(run, train_spec) else data
+        assert source is not None, "token shards are made whenever a selected run reads them"
         data_train = fs.join(source.path, "shards.json") if source is tokens else train_spec
         config = probe.to_json()
         config["data"].pop("train")
@@ -223,6 +225,8 @@ class Runner:
         r = self.recipe
         try:
             data, train_spec, val_spec = self.data()
+            if not self._needs_tokens(train_spec):  # e.g. `--run mae`: pixel targets read the images
+                return self._train_and_eval(None, data, train_spec, val_spec)
             extract_cfg, cluster_cfg, tokenize_cfg = asdict(r.extract), asdict(r.cluster), asdict(r.tokenize)
             from kmim.pipeline.cluster import cluster
             from kmim.pipeline.extract import extract
@@ -239,6 +243,16 @@ class Runner:
             if self._ray is not None:
                 self._ray.close()
                 self._ray = None
+        return self._train_and_eval(tokens, data, train_spec, val_spec)
+
+    def _needs_tokens(self, train_spec: str) -> bool:
+        return any(self._train_source_is_tokens(run, train_spec) for run in self.runs)
+
+    def _train_source_is_tokens(self, run: str, train_spec: str) -> bool:
+        target = self.recipe.train_config(run, "<input>", "<output>").model.target
+        return target != "pixel" or not train_spec.endswith(".json")
+
+    def _train_and_eval(self, tokens: Artifact | None, data: Artifact, train_spec: str, val_spec: str) -> RunReport:
         trained = []
         if "train" in self.stages or "eval" in self.stages:
             for run in self.runs:

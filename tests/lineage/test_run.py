@@ -24,10 +24,17 @@ def _status(report):
 @pytest.mark.slow
 def test_reuse_and_partial_reruns(ray_local, tmp_path):
     root = str(tmp_path / "root")
+    mae_only = run_recipe(load_recipe(RECIPE, SMALL), root, runs=["mae"])  # pixel targets need no tokens
+    assert list(_status(mae_only)) == ["data", "train/mae", "eval/mae/knn", "eval/mae/linear"]
+    assert sorted(p.name for p in Path(root).iterdir()) == ["compare", "data", "runs", "train"]
+
     first = run_recipe(load_recipe(RECIPE, SMALL), root)
     names = ["data", "extract", "cluster", "tokenize", "train/kmim-pixel-k50", "train/mae",
              "eval/kmim-pixel-k50/knn", "eval/kmim-pixel-k50/linear", "eval/mae/knn", "eval/mae/linear"]
-    assert list(_status(first)) == names and set(_status(first).values()) == {"ran"}
+    mae_steps = {"data", "train/mae", "eval/mae/knn", "eval/mae/linear"}
+    assert list(_status(first)) == names
+    assert {n for n, s in _status(first).items() if s == "reused"} == mae_steps
+    assert {n for n, s in _status(first).items() if s == "ran"} == set(names) - mae_steps
     assert "| digits/kmim-pixel-k50 | tokens | 50 |" in first.compare_table
     for step in first.steps[:6]:  # ROOT/<stage>/<fingerprint[:16]>
         assert Path(step.path).relative_to(root).parts == (step.stage, step.fingerprint[:16])
@@ -57,7 +64,7 @@ def test_reuse_and_partial_reruns(ray_local, tmp_path):
     info = json.loads(shown.output)
     assert info["lineage.json"]["inputs"][0]["stage"] == "extract" and info["manifest.json"]["config"]["k"] == 20
     reports = list((Path(root) / "runs").glob("digits-*.json"))
-    assert len(reports) == 4 and all(json.loads(r.read_text())["steps"] for r in reports)
+    assert len(reports) == 5 and all(json.loads(r.read_text())["steps"] for r in reports)
 
 
 def test_a_bad_recipe_is_refused_before_any_stage(tmp_path):
