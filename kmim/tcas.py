@@ -28,11 +28,15 @@ def tcas(cooc: np.ndarray, form: str = "C") -> dict:
         return {"tcas": None, "k": k, "l1": 0, "classes": int(cooc.shape[1]), "form": form}
     rbar = r / r.sum(axis=1, keepdims=True)  # [l1, C]
     diag = (rbar * rbar).sum(axis=1)  # C_ii
-    first = float((((1 - diag) if form == "C" else (1 - np.sqrt(diag))) ** 2).sum() / l1)
+    per_code = ((1 - diag) if form == "C" else (1 - np.sqrt(diag))) ** 2
+    first = float(per_code.sum() / l1)
+    # Not in the paper: eq. 8 weighs every used code alike, so a codebook whose few rare codes are pure and whose
+    # one big code is mixed scores well; weighting each code by its share of the patches exposes that.
+    weighted_first = float((per_code * r.sum(axis=1)).sum() / r.sum())
     gram = rbar.T @ rbar  # [C, C]; ‖R̄ᵀR̄‖_F² = Σ_{i,i'} C_ii'²
     second = float(max((gram * gram).sum() - (diag * diag).sum(), 0.0) / l1**2)
-    return {"tcas": first + second, "first_term": first, "second_term": second, "k": k, "l1": l1,
-            "classes": int(cooc.shape[1]), "form": form}
+    return {"tcas": first + second, "first_term": first, "second_term": second,
+            "patch_weighted_first_term": weighted_first, "k": k, "l1": l1, "classes": int(cooc.shape[1]), "form": form}
 
 
 def usage(code_counts: np.ndarray) -> dict:

@@ -108,6 +108,11 @@ def test_tcas_of_hand_built_matrices():
     c = rbar @ rbar.T
     assert got["l1"] == 2 and got["k"] == 3
     assert got["tcas"] == pytest.approx(((1 - np.diag(c)) ** 2).sum() / 2 + 2 * c[0, 1] ** 2 / 4)
+    # codes of 4 and 4 patches: patch-weighted, each (1 - C_ii)^2 counts half
+    assert got["patch_weighted_first_term"] == pytest.approx(((1 - np.diag(c)) ** 2).sum() / 2)
+    skewed = tcas(np.array([[90, 90], [10, 0]]))  # one big mixed code, one small pure one
+    assert skewed["first_term"] == pytest.approx((0.5**2 + 0) / 2)
+    assert skewed["patch_weighted_first_term"] == pytest.approx(0.5**2 * 180 / 190)
     norm_form = tcas(r, form="norm")["first_term"]
     assert norm_form == pytest.approx(((1 - np.sqrt(np.diag(c))) ** 2).sum() / 2)
     big = np.random.default_rng(0).integers(0, 5, size=(16384, 100))  # no l1 x l1 matrix is formed
