@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from kmim.contract.images import encode_png
 from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, chunked, label_bytes
@@ -50,6 +49,8 @@ def digit_png(pixels8x8: np.ndarray, image_size: int) -> bytes:
 
 
 def write_digits(out: str, config: DigitsConfig = DigitsConfig()) -> DatasetWriteResult:
+    from sklearn.datasets import load_digits  # 3 s of imports: only when the digits are written
+
     digits = load_digits()
     images, labels = digits.images, digits.target
     train, val = digits_split(labels, config.val_fraction, config.seed)
