@@ -1,5 +1,7 @@
 """Fault drills: SIGKILL the `kmim run` driver in the middle of each pipeline stage, rerun, and get exactly
-the artifacts of an uninterrupted run; SIGKILL one Ray worker process mid-stage and the stage completes."""
+the artifacts of an uninterrupted run, each stage resuming where it stopped (finished shards reused, k-means
+from its last epoch checkpoint); SIGKILL one Ray worker process mid-stage and the stage completes. These are
+the stages' kill-and-resume tests too: one drill per stage, through the command users run."""
 
 import json
 import os
@@ -15,7 +17,7 @@ from kmim.lineage.recipe import load_recipe
 from kmim.lineage.runner import run_recipe
 
 RECIPE = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits.yaml")
-SETS = ["data.shard_size=64", "cluster.epochs=10"]
+SETS = ["data.shard_size=64", "cluster.epochs=40"]
 PIPELINE = "data,extract,cluster,tokenize"
 
 
@@ -24,9 +26,10 @@ def _run_cmd(root):
     return cmd + [a for s in SETS for a in ("--set", s)]
 
 
-def _kill_when(cmd, env, ready, timeout=240):
-    """Start cmd, SIGKILL its whole process group as soon as ready() holds; False if it ended first."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _kill_when(cmd, env, ready, log, timeout=240):
+    """Start cmd (output to log), SIGKILL its whole process group as soon as ready() holds; False if it ended first."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -50,6 +53,17 @@ def _has(root, stage, pattern, n=1):
     return d is not None and len(list(d.glob(pattern))) >= n
 
 
+def _epochs_done(root):
+    """Lloyd epochs in the cluster stage's checkpoint (safetensors header metadata), -1 if none yet."""
+    d = _stage_dir(root, "cluster")
+    try:
+        raw = (d / "_checkpoint.safetensors").read_bytes()
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        return json.loads(header["__metadata__"]["state"])["epochs_done"]
+    except (TypeError, OSError, ValueError, KeyError):  # no folder or file yet, or caught mid-rename
+        return -1
+
+
 def _outputs(root, stage):
     m = json.loads((_stage_dir(root, stage) / "manifest.json").read_text())
     return m["outputs"], m["stats"]["samples"] if "samples" in m["stats"] else None
@@ -62,13 +76,27 @@ def test_killing_the_driver_mid_stage_then_rerunning_gives_the_uninterrupted_art
 
     root = tmp_path / "drilled"
     env = {**os.environ, "RAY_TMPDIR": f"/tmp/rd{os.getpid()}", "RAY_ADDRESS": ""}
-    for stage, marker in [("extract", "*_stats.json"), ("cluster", "_checkpoint.safetensors"), ("tokenize", "*_stats.json")]:
-        killed = _kill_when(_run_cmd(root), env, lambda: _has(root, stage, marker, 2 if "stats" in marker else 1))
+    drills = [("extract", lambda: _has(root, "extract", "*_stats.json", 2)),
+              ("cluster", lambda: _epochs_done(root) >= 3),
+              ("tokenize", lambda: _has(root, "tokenize", "*_stats.json", 2))]
+    for stage, ready in drills:
+        killed = _kill_when(_run_cmd(root), env, ready, tmp_path / f"kill-{stage}.log")
         assert killed, f"the run ended before the {stage} drill could kill it"
         assert not (_stage_dir(root, stage) / "manifest.json").exists(), f"{stage} finished before the kill"
+        if stage == "cluster":
+            epochs_at_kill = _epochs_done(root)
     final = subprocess.run(_run_cmd(root), env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     assert "tokenize: resuming" in final.stdout
+
+    # each stage went on from where it was killed: the run after each kill resumed it
+    assert "extract: resuming" in (tmp_path / "kill-cluster.log").read_text()
+    assert 3 <= epochs_at_kill < 40
+    assert f"cluster: resuming after epoch {epochs_at_kill} of 40" in (tmp_path / "kill-tokenize.log").read_text()
+    extract_stats = json.loads((_stage_dir(root, "extract") / "manifest.json").read_text())["stats"]
+    tokenize_stats = json.loads((_stage_dir(root, "tokenize") / "manifest.json").read_text())["stats"]
+    assert extract_stats["shards_reused"] >= 2 and tokenize_stats["shards_reused"] >= 2
+    assert not [p for p in Path(root).rglob("_tmp.*")]  # nothing half-written left behind
 
     for stage in ("extract", "cluster", "tokenize"):
         assert _stage_dir(root, stage).name == _stage_dir(reference, stage).name  # same content-derived path
@@ -76,6 +104,8 @@ def test_killing_the_driver_mid_stage_then_rerunning_gives_the_uninterrupted_art
         assert got == want, stage  # every shard: same samples, bytes and sha256; none lost, none doubled
     assert (_stage_dir(root, "cluster") / "codebook.safetensors").read_bytes() == \
            (_stage_dir(reference, "cluster") / "codebook.safetensors").read_bytes()
+    meta, ref_meta = (json.loads((_stage_dir(r, "cluster") / "codebook.json").read_text()) for r in (root, reference))
+    assert meta["inertia_per_epoch"] == ref_meta["inertia_per_epoch"] and len(meta["inertia_per_epoch"]) == 40
     samples = sum(o["samples"] for o in _outputs(root, "tokenize")[0])
     assert samples == 1438
 

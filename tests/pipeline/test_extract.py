@@ -4,10 +4,6 @@ import hashlib
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -144,36 +140,3 @@ def test_corrupt_samples_are_counted_and_a_broken_shard_is_retried_then_reported
     assert list(failures) == ["cut-000000"]
     assert (tmp_path / "g" / "good-000000_stats.json").exists() and not (tmp_path / "g" / "manifest.json").exists()
 
-
-@pytest.mark.slow
-def test_sigkill_of_the_driver_then_rerun_gives_the_same_files(tmp_path):
-    from kmim.data.synthetic import SyntheticConfig, write_synthetic
-
-    data = tmp_path / "data"
-    write_synthetic(str(data), SyntheticConfig(num_images=160, image_size=48, classes=4, shard_size=8))
-    config = ExtractConfig(extractor="timm:test_vit", image_size=48, patch_size=16, batch_size=1, dtype="float32")
-    reference = extract(str(data), str(tmp_path / "ref"), config).manifest
-
-    out = tmp_path / "killed"
-    ray_tmp = f"/tmp/rk{os.getpid()}"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-m", "kmim", "pipeline", "extract", str(data), str(out), "--extractor", "timm:test_vit",
-           "--image-size", "48", "--patch-size", "16", "--batch-size", "1", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 2:
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)  # the killed driver's Ray processes
-    committed = len(list(out.glob("*_stats.json")))
-    assert 2 <= committed < 20, committed
-    assert not (out / "manifest.json").exists()
-
-    resumed = extract(str(data), str(out), config)
-    assert resumed.manifest.stats["shards_reused"] >= 2
-    assert [o["sha256"] for o in resumed.manifest.outputs] == [o["sha256"] for o in reference.outputs]
-    assert resumed.manifest.fingerprint == reference.fingerprint
-    assert not any(p.name.startswith("_tmp.") for p in out.iterdir())

@@ -90,7 +90,7 @@ def test_two_process_ddp_finetune_learns_digits(encoder_file, digits_dir):
 @pytest.mark.slow
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(encoder_file, digits_dir, tmp_path):
     path, _ = encoder_file
-    args = ["--epochs", "3", "--warmup-epochs", "1", "--num-workers", "1", "--mixup", "0.5", "--samples-per-epoch", "512"]
+    args = ["--epochs", "2", "--warmup-epochs", "1", "--num-workers", "1", "--mixup", "0.5", "--samples-per-epoch", "384"]
     subprocess.run(_cmd(path, digits_dir, *args), check=True, capture_output=True, timeout=300)
     reference = json.loads((path.parent / "eval-finetune.json").read_text())
     (path.parent / "eval-finetune.json").unlink()
