@@ -109,16 +109,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return round(float(a.mean()), 2), round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 2)
 
 
+def probe_stats(rows: list[dict]) -> dict:
+    """k-NN and linear top-1 of runs that differ only by seed: mean ± sample std, and each seed's value."""
+    knn, linear = mean_std([r["knn"] for r in rows]), mean_std([r["linear"] for r in rows])
+    return {"seeds": [r["seed"] for r in rows], "knn_mean": knn[0], "knn_std": knn[1], "linear_mean": linear[0],
+            "linear_std": linear[1], "knn_per_seed": [r["knn"] for r in rows],
+            "linear_per_seed": [r["linear"] for r in rows]}
+
+
 def summarize_sweep(sweep: list[dict]) -> list[dict]:
     """Per K: TCAS (the codebook does not depend on the training seed) and mean ± std of the probes."""
     out = []
     for k in sorted({r["k"] for r in sweep}):
         rows = [r for r in sweep if r["k"] == k]
-        knn, linear = mean_std([r["knn"] for r in rows]), mean_std([r["linear"] for r in rows])
-        out.append({"k": k, "tcas": rows[0]["tcas"], "used_codes": rows[0]["used_codes"], "seeds": [r["seed"] for r in rows],
+        out.append({"k": k, "tcas": rows[0]["tcas"], "used_codes": rows[0]["used_codes"], **probe_stats(rows),
                     "final_loss": round(float(np.mean([r["final_loss"] for r in rows])), 4),
-                    "knn_mean": knn[0], "knn_std": knn[1], "linear_mean": linear[0], "linear_std": linear[1],
-                    "knn_per_seed": [r["knn"] for r in rows], "linear_per_seed": [r["linear"] for r in rows],
                     "train_s": round(float(np.mean([r["train_s"] for r in rows])), 1)})
     return out
 
@@ -127,11 +132,8 @@ def summarize(main_rows: list[dict]) -> list[dict]:
     out = []
     for variant in dict.fromkeys(r["variant"] for r in main_rows):
         rows = [r for r in main_rows if r["variant"] == variant]
-        knn, linear = mean_std([r["knn"] for r in rows]), mean_std([r["linear"] for r in rows])
         out.append({"variant": variant, "target": rows[0]["target"], "k": rows[0]["k"], "tcas": rows[0]["tcas"],
-                    "seeds": [r["seed"] for r in rows], "steps": rows[0]["steps"],
-                    "knn_mean": knn[0], "knn_std": knn[1], "linear_mean": linear[0], "linear_std": linear[1],
-                    "knn_per_seed": [r["knn"] for r in rows], "linear_per_seed": [r["linear"] for r in rows]})
+                    "steps": rows[0]["steps"], **probe_stats(rows)})
     return out
 
 

@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from kmim import __version__, fs
-from kmim.contract.manifest import StageManifest, digest, fingerprint_inputs, stage_fingerprint
+from kmim.contract.manifest import StageManifest, digest, stage_fingerprint
 from kmim.data.reader import open_dataset
 from kmim.errors import ConfigError, InputError
 from kmim.lineage.recipe import STAGES, PipelineRecipe
@@ -222,28 +222,30 @@ class Runner:
     # --- the whole recipe -------------------------------------------------------------------------
 
     def run(self) -> RunReport:
-        r = self.recipe
-        try:
-            data, train_spec, val_spec = self.data()
-            if not self._needs_tokens(train_spec):  # e.g. `--run mae`: pixel targets read the images
-                return self._train_and_eval(None, data, train_spec, val_spec)
-            extract_cfg, cluster_cfg, tokenize_cfg = asdict(r.extract), asdict(r.cluster), asdict(r.tokenize)
-            from kmim.pipeline.cluster import cluster
-            from kmim.pipeline.extract import extract
-            from kmim.pipeline.tokenize import tokenize
+        data, train_spec, val_spec = self.data()
+        # e.g. `--run mae` alone: pixel targets read the images, so no stage below is needed
+        tokens = self._tokens(data, train_spec) if self._needs_tokens(train_spec) else None
+        return self._train_and_eval(tokens, data, train_spec, val_spec)
 
-            feats = self._pipeline_stage("extract", extract_cfg, [data],
+    def _tokens(self, data: Artifact, train_spec: str) -> Artifact:
+        """extract -> cluster -> tokenize, in one Ray session opened only if some stage has work to do."""
+        r = self.recipe
+        from kmim.pipeline.cluster import cluster
+        from kmim.pipeline.extract import extract
+        from kmim.pipeline.tokenize import tokenize
+
+        try:
+            feats = self._pipeline_stage("extract", asdict(r.extract), [data],
                                          lambda out: extract(train_spec, out, r.extract, self.address))
-            codebook = self._pipeline_stage("cluster", cluster_cfg, [feats],
+            codebook = self._pipeline_stage("cluster", asdict(r.cluster), [feats],
                                             lambda out: cluster(feats.path, out, r.cluster, self.address))
-            tokens = self._pipeline_stage("tokenize", tokenize_cfg, [data, codebook],
-                                          lambda out: tokenize(train_spec, out, codebook.path, r.tokenize,
-                                                               address=self.address))
+            return self._pipeline_stage("tokenize", asdict(r.tokenize), [data, codebook],
+                                        lambda out: tokenize(train_spec, out, codebook.path, r.tokenize,
+                                                             address=self.address))
         finally:
             if self._ray is not None:
                 self._ray.close()
                 self._ray = None
-        return self._train_and_eval(tokens, data, train_spec, val_spec)
 
     def _needs_tokens(self, train_spec: str) -> bool:
         return any(self._train_source_is_tokens(run, train_spec) for run in self.runs)
