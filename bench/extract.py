@@ -79,24 +79,57 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/pixels"
-        write_synthetic(data, SyntheticConfig(num_images=args.images, image_size=args.image_size, shard_size=args.shard_size, format="jpg"))
+        write_synthetic(
+            data,
+            SyntheticConfig(
+                num_images=args.images, image_size=args.image_size, shard_size=args.shard_size, format="jpg"
+            ),
+        )
         timm_data = f"{tmp}/timm"
-        write_synthetic(timm_data, SyntheticConfig(num_images=args.timm_images, image_size=args.timm_image_size,
-                                                   shard_size=args.shard_size, format="jpg"))
+        write_synthetic(
+            timm_data,
+            SyntheticConfig(
+                num_images=args.timm_images,
+                image_size=args.timm_image_size,
+                shard_size=args.shard_size,
+                format="jpg",
+            ),
+        )
         t0 = time.perf_counter()
         with ray_session():
             results["ray_startup_s"] = round(time.perf_counter() - t0, 2)
             warm = ExtractConfig(image_size=args.view_size, patch_size=16, batch_size=args.batch_size)
-            results["worker_warmup_s"] = round(timed_extract(data + "/train-000000.tar", f"{tmp}/f_warm", warm)[1], 2)
+            results["worker_warmup_s"] = round(
+                timed_extract(data + "/train-000000.tar", f"{tmp}/f_warm", warm)[1], 2
+            )
             n, base = read_decode_loop(data)
             _, ours = timed_extract(data, f"{tmp}/f_pixel", warm)
-            results["pixel"] = {"images": n, "source_px": args.image_size, "view_px": args.view_size, "read_decode_loop_img_s": round(n / base, 1),
-                                "extract_img_s": round(n / ours, 1), "ratio": round(base / ours, 3)}
+            results["pixel"] = {
+                "images": n,
+                "source_px": args.image_size,
+                "view_px": args.view_size,
+                "read_decode_loop_img_s": round(n / base, 1),
+                "extract_img_s": round(n / ours, 1),
+                "ratio": round(base / ours, 3),
+            }
             n, base = torch_forward_loop(timm_data, args.model, args.timm_image_size, args.batch_size)
-            _, ours = timed_extract(timm_data, f"{tmp}/f_timm", ExtractConfig(
-                extractor=f"timm:{args.model}", image_size=args.timm_image_size, patch_size=16, batch_size=args.batch_size))
-            results["timm"] = {"model": args.model, "images": n, "torch_loop_img_s": round(n / base, 1),
-                               "extract_img_s": round(n / ours, 1), "ratio": round(base / ours, 3)}
+            _, ours = timed_extract(
+                timm_data,
+                f"{tmp}/f_timm",
+                ExtractConfig(
+                    extractor=f"timm:{args.model}",
+                    image_size=args.timm_image_size,
+                    patch_size=16,
+                    batch_size=args.batch_size,
+                ),
+            )
+            results["timm"] = {
+                "model": args.model,
+                "images": n,
+                "torch_loop_img_s": round(n / base, 1),
+                "extract_img_s": round(n / ours, 1),
+                "ratio": round(base / ours, 3),
+            }
     results["torch_threads"] = torch.get_num_threads()
     print(json.dumps(results, indent=2))
     print(f"pixel extract / read+decode loop: {results['pixel']['ratio']:.2f} (target >= 0.8)")

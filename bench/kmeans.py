@@ -20,19 +20,22 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from kmim.contract import streams
+from kmim.contract.codebook import Assigner, Codebook
 from kmim.pipeline.cluster import ClusterConfig, cluster
-from kmim.tokenizer import load_codebook
 from kmim.pipeline.ray_runtime import ray_session
 
 
 def make_features(n: int, dim: int, seed: int) -> np.ndarray:
     """A mixture of 1,000 anisotropic Gaussians: structure for K-means to find, not uniform noise."""
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("bench_features", seed)
     means = rng.standard_normal((1000, dim)).astype(np.float32) * 2
     x = np.empty((n, dim), np.float32)
     for start in range(0, n, 50_000):
         m = min(50_000, n - start)
-        x[start : start + m] = means[rng.integers(0, 1000, m)] + rng.standard_normal((m, dim), dtype=np.float32)
+        x[start : start + m] = means[rng.integers(0, 1000, m)] + rng.standard_normal(
+            (m, dim), dtype=np.float32
+        )
     return x
 
 
@@ -43,12 +46,11 @@ def write_features(out: str, x: np.ndarray, parts: int) -> None:
 
 
 def inertia(x: np.ndarray, centers: np.ndarray) -> float:
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(centers)
+    assigner = Assigner(centers)  # the search every stage uses, for every codebook alike
     total = 0.0
     for start in range(0, len(x), 65536):
-        d2, _ = index.search(x[start : start + 65536], 1)
-        total += float(np.maximum(d2, 0).astype(np.float64).sum())
+        d2, _ = assigner.assign(x[start : start + 65536])
+        total += float(d2.astype(np.float64).sum())
     return total
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     n, d, k, iters = args.n, args.dim, args.k, args.iters
     r: dict = {"n": n, "dim": d, "k": k, "iters": iters, "threads": torch.get_num_threads()}
     x = make_features(n, d, seed=0)
-    c0 = x[np.random.default_rng(1).choice(n, k, replace=False)].copy()
+    c0 = x[streams.rng("bench_kmeans_init").choice(n, k, replace=False)].copy()
     flops_per_epoch = 2.0 * n * k * d
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,13 +84,19 @@ def main() -> None:
         save_file({"centers": c0}, f"{tmp}/c0.safetensors")
         with ray_session(num_cpus=2):
             start = time.perf_counter()
-            cluster(f"{tmp}/features", f"{tmp}/codebook", ClusterConfig(
-                k=k, epochs=iters, init_from=f"{tmp}/c0.safetensors", num_workers=2))
+            cluster(
+                f"{tmp}/features",
+                f"{tmp}/codebook",
+                ClusterConfig(k=k, epochs=iters, init_from=f"{tmp}/c0.safetensors", ray_workers=2),
+            )
             r["ours_wall_s"] = round(time.perf_counter() - start, 2)
-        ours, meta = load_codebook(f"{tmp}/codebook")
-    r["ours_s_per_epoch"] = round(float(np.median(meta["seconds_per_epoch"])), 3)
+        codebook = Codebook.load(f"{tmp}/codebook")
+    ours = codebook.centers
+    r["ours_s_per_epoch"] = round(float(np.median(codebook.get("seconds_per_epoch"))), 3)
 
-    km = faiss.Kmeans(d, k, niter=iters, max_points_per_centroid=n, min_points_per_centroid=1, seed=1, verbose=False)
+    km = faiss.Kmeans(
+        d, k, niter=iters, max_points_per_centroid=n, min_points_per_centroid=1, seed=1, verbose=False
+    )
     start = time.perf_counter()
     km.train(x, init_centroids=c0)
     r["faiss_s_per_epoch"] = round((time.perf_counter() - start) / iters, 3)
@@ -115,7 +123,9 @@ def main() -> None:
     r["inertia_rel_diff_vs_faiss"] = round((r["ours_inertia"] - r["faiss_inertia"]) / r["faiss_inertia"], 6)
     print(json.dumps(r, indent=2))
     print(f"time per epoch, ours / faiss: {r['time_ratio_vs_faiss']:.2f} (target <= 1.25)")
-    print(f"final inertia, ours vs faiss: {100 * r['inertia_rel_diff_vs_faiss']:+.3f} % (target within 0.5 %)")
+    print(
+        f"final inertia, ours vs faiss: {100 * r['inertia_rel_diff_vs_faiss']:+.3f} % (target within 0.5 %)"
+    )
     print(f"assignment FLOP efficiency vs float32 matmul: {r['ours_flop_efficiency']:.2f}")
 
 

@@ -66,13 +66,25 @@ def main() -> None:
     r: dict = vars(args).copy()
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/data"
-        write_synthetic(data, SyntheticConfig(num_images=args.images, image_size=args.image_size, shard_size=200, format="jpg"))
+        write_synthetic(
+            data,
+            SyntheticConfig(num_images=args.images, image_size=args.image_size, shard_size=200, format="jpg"),
+        )
         with ray_session():
-            extract(data, f"{tmp}/features", ExtractConfig(image_size=args.view_size, patch_size=16, patches_per_image=16))
+            extract(
+                data,
+                f"{tmp}/features",
+                ExtractConfig(image_size=args.view_size, patch_size=16, patches_per_image=16),
+            )
             cluster(f"{tmp}/features", f"{tmp}/codebook", ClusterConfig(k=args.k, epochs=2))
             n, base = plain_loop(data, f"{tmp}/codebook", args.views, 0, args.batch_size)
             start = time.perf_counter()
-            tokenize(data, f"{tmp}/tokens", f"{tmp}/codebook", TokenizeConfig(views=args.views, batch_size=args.batch_size))
+            tokenize(
+                data,
+                f"{tmp}/tokens",
+                f"{tmp}/codebook",
+                TokenizeConfig(views=args.views, batch_size=args.batch_size),
+            )
             ours = time.perf_counter() - start
     r.update(loop_img_s=round(n / base, 1), tokenize_img_s=round(n / ours, 1), ratio=round(base / ours, 3))
     print(json.dumps(r, indent=2))

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from kmim.contract import streams
 from kmim.contract.views import normalize
 from kmim.data.synthetic import SyntheticConfig, write_synthetic
 from kmim.pipeline.cluster import ClusterConfig, cluster
@@ -52,7 +53,7 @@ def timed_steps(model, optimizer, batches, steps: int, warmup: int, tokenizer=No
 
 
 def build(cfg: ModelConfig, k: int):
-    torch.manual_seed(0)
+    torch.manual_seed(streams.seed_state("model_init", 0))
     model = MaskedImageModel(cfg, k)
     return model, torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
 
@@ -71,15 +72,30 @@ def main() -> None:
     s = args.image_size
     with tempfile.TemporaryDirectory() as tmp:
         n_images = args.batch_size * (args.steps + args.warmup)
-        write_synthetic(f"{tmp}/data", SyntheticConfig(num_images=n_images, image_size=s + s // 4, shard_size=256, format="jpg"))
+        write_synthetic(
+            f"{tmp}/data",
+            SyntheticConfig(num_images=n_images, image_size=s + s // 4, shard_size=256, format="jpg"),
+        )
         with ray_session():
-            extract(f"{tmp}/data", f"{tmp}/features", ExtractConfig(extractor=f"timm:{args.extractor}", image_size=s,
-                                                                    patch_size=16, patches_per_image=4))
+            extract(
+                f"{tmp}/data",
+                f"{tmp}/features",
+                ExtractConfig(
+                    extractor=f"timm:{args.extractor}", image_size=s, patch_size=16, patches_per_image=4
+                ),
+            )
             cluster(f"{tmp}/features", f"{tmp}/codebook", ClusterConfig(k=args.k, epochs=3))
             tokenize(f"{tmp}/data", f"{tmp}/tokens", f"{tmp}/codebook", TokenizeConfig(views=2))
         shards = open_train_shards(f"{tmp}/tokens")
-        cfg = ModelConfig(encoder=args.encoder, image_size=s, patch_size=16, decoder_embed_dim=128, decoder_depth=2,
-                          decoder_num_heads=4, target="tokens")
+        cfg = ModelConfig(
+            encoder=args.encoder,
+            image_size=s,
+            patch_size=16,
+            decoder_embed_dim=128,
+            decoder_depth=2,
+            decoder_num_heads=4,
+            target="tokens",
+        )
         steps = args.steps + args.warmup
 
         def stream(workers: int):
@@ -100,8 +116,10 @@ def main() -> None:
         r["tokens_vs_online_speedup"] = round(r["streaming_img_s"] / r["online_img_s"], 3)
     r["torch_threads"] = torch.get_num_threads()
     print(json.dumps(r, indent=2))
-    print(f"streaming token shards / in-memory tensors: {r['streaming_ratio']:.2f} (target >= 0.9); the loader alone, "
-          f"in one process: {r['loader_only_img_s']:.0f} images/s vs {r['in_memory_img_s']:.0f} consumed")
+    print(
+        f"streaming token shards / in-memory tensors: {r['streaming_ratio']:.2f} (target >= 0.9); the loader alone, "
+        f"in one process: {r['loader_only_img_s']:.0f} images/s vs {r['in_memory_img_s']:.0f} consumed"
+    )
     print(f"tokens / online targets: {r['tokens_vs_online_speedup']:.2f}x faster (target >= 1.8x)")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kmim import fs
+from kmim.contract import streams
 from kmim.contract.manifest import digest
 from kmim.contract.patches import grid_size
 from kmim.contract.views import normalize
@@ -24,7 +25,7 @@ from kmim.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
-RANDOM_INIT_SEED = 0
+RANDOM_INIT_SEED = streams.seed_state("extractor_init")
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,18 @@ class ExtractorSpec:
             return self
         if not fs.exists(self.weights):
             raise InputError(self.weights, "weights file not found")
-        return ExtractorSpec(self.name, self.image_size, self.patch_size, self.weights, fs.sha256_of(self.weights))
+        return ExtractorSpec(
+            self.name, self.image_size, self.patch_size, self.weights, fs.sha256_of(self.weights)
+        )
 
     def to_json(self) -> dict:
         return {**asdict(self), "fingerprint": self.fingerprint}
 
     @classmethod
     def from_json(cls, d: dict) -> ExtractorSpec:
-        return cls(d["name"], int(d["image_size"]), int(d["patch_size"]), d.get("weights"), d.get("weights_sha256"))
+        return cls(
+            d["name"], int(d["image_size"]), int(d["patch_size"]), d.get("weights"), d.get("weights_sha256")
+        )
 
 
 class PixelExtractor:
@@ -122,7 +127,11 @@ def load_state_dict(url: str) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     prefixes = ("module.", "backbone.", "encoder.")
-    return {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in sd.items() if torch.is_tensor(v)}
+    return {
+        next((k[len(p) :] for p in prefixes if k.startswith(p)), k): v
+        for k, v in sd.items()
+        if torch.is_tensor(v)
+    }
 
 
 class TimmExtractor:
@@ -136,20 +145,27 @@ class TimmExtractor:
         try:
             # Without weights the model is a random init; seeding it makes every worker build the same one.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                model = timm.create_model(spec.model_name, pretrained=False, num_classes=0, img_size=spec.image_size)
+                torch.manual_seed(streams.seed_state("extractor_init"))
+                model = timm.create_model(
+                    spec.model_name, pretrained=False, num_classes=0, img_size=spec.image_size
+                )
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"cannot build timm model {spec.model_name!r}: {e}") from None
         model_patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if model_patch is None or not hasattr(model, "num_prefix_tokens"):
             raise ConfigError(f"timm model {spec.model_name!r} is not a ViT with patch tokens")
         if tuple(model_patch) != (spec.patch_size, spec.patch_size):
-            raise ConfigError(f"timm model {spec.model_name!r} has patch size {model_patch[0]}, not {spec.patch_size}")
+            raise ConfigError(
+                f"timm model {spec.model_name!r} has patch size {model_patch[0]}, not {spec.patch_size}"
+            )
         if spec.weights:
             self._load(model, spec.weights)
         else:
-            log.warning("timm extractor %s has no --weights: features of a random init (seed %d)",
-                        spec.model_name, RANDOM_INIT_SEED)
+            log.warning(
+                "timm extractor %s has no --weights: features of a random init (seed %d)",
+                spec.model_name,
+                RANDOM_INIT_SEED,
+            )
         self.model = model.eval().to(self.device)
         self.dim = model.num_features
 
@@ -162,10 +178,14 @@ class TimmExtractor:
             sd = checkpoint_filter_fn(sd, model)  # resamples position embeddings, converts known layouts
             missing, unexpected = model.load_state_dict(sd, strict=False)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise InputError(url, f"weights do not fit the model: {str(e).strip().splitlines()[-1]}") from None
+            raise InputError(
+                url, f"weights do not fit the model: {str(e).strip().splitlines()[-1]}"
+            ) from None
         missing = [k for k in missing if not k.startswith(("head", "fc_norm"))]
         if missing:
-            raise InputError(url, f"weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise InputError(
+                url, f"weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            )
         if unexpected:
             log.info("ignoring %d unexpected keys in %s (e.g. %s)", len(unexpected), url, unexpected[:3])
 

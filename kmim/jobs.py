@@ -36,8 +36,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir: environments, run outputs, VCS data and caches.
-WORKING_DIR_EXCLUDES = (".venv", "venv", ".git", "out", "runs", "__pycache__", ".pytest_cache", ".ruff_cache",
-                        ".mypy_cache", "*.egg-info", ".ipynb_checkpoints", "*.pyc")
+WORKING_DIR_EXCLUDES = (
+    ".venv",
+    "venv",
+    ".git",
+    "out",
+    "runs",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "*.egg-info",
+    ".ipynb_checkpoints",
+    "*.pyc",
+)
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 PROBE_TIMEOUT_S = 10.0
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -76,11 +88,14 @@ class SubmitConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
         if not self.command or not self.command[0].strip():
-            raise ConfigError("no command to submit: put it after `--`, "
-                              "e.g. `kmim submit -- kmim run RECIPE.yaml`")
+            raise ConfigError(
+                "no command to submit: put it after `--`, e.g. `kmim submit -- kmim run RECIPE.yaml`"
+            )
         if not self.any_command and Path(self.command[0]).name != "kmim":
-            raise ConfigError(f"the command starts with {self.command[0]!r}, not `kmim`; "
-                              "pass --any-command to submit it anyway")
+            raise ConfigError(
+                f"the command starts with {self.command[0]!r}, not `kmim`; "
+                "pass --any-command to submit it anyway"
+            )
         if self.working_dir is not None and not Path(self.working_dir).is_dir():
             raise ConfigError(f"--working-dir {self.working_dir}: not a directory")
         for key in self.env_vars:
@@ -134,13 +149,20 @@ def parse_env_vars(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 def resolve_address(address: str | None = None) -> str:
     """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS, else http://127.0.0.1:8265; `host:port` gets http://."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    address = (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or DEFAULT_ADDRESS
+    )
     address = address.strip().rstrip("/")
     if "://" not in address:
         address = "http://" + address
     scheme = address.split("://", 1)[0]
     if scheme not in ("http", "https"):
-        raise ConfigError(f"Ray address {address}: the Jobs API is the dashboard's HTTP address, e.g. http://HEAD:8265")
+        raise ConfigError(
+            f"Ray address {address}: the Jobs API is the dashboard's HTTP address, e.g. http://HEAD:8265"
+        )
     return address
 
 
@@ -173,32 +195,41 @@ def _probe(address: str, headers: dict[str, str]) -> int:
     try:
         r = requests.get(f"{address}/api/version", headers=headers, timeout=PROBE_TIMEOUT_S)
     except requests.exceptions.RequestException as e:
-        raise ClusterUnreachableError(f"cannot reach a Ray job server at {address} ({type(e).__name__}); "
-                                      "is the head running with its dashboard, and is this its dashboard port?") from None
+        raise ClusterUnreachableError(
+            f"cannot reach a Ray job server at {address} ({type(e).__name__}); "
+            "is the head running with its dashboard, and is this its dashboard port?"
+        ) from None
     if r.status_code == 200:
         try:
             r.json()["ray_version"]
         except (ValueError, KeyError, TypeError):
             raise ClusterUnreachableError(f"{address} answers, but not as a Ray job server") from None
     elif r.status_code not in (401, 403):
-        raise ClusterUnreachableError(f"{address}/api/version answered HTTP {r.status_code}; not a Ray job server?")
+        raise ClusterUnreachableError(
+            f"{address}/api/version answered HTTP {r.status_code}; not a Ray job server?"
+        )
     return r.status_code
 
 
-def connect(address: str | None = None, token_file: str | None = None,
-            token: str | None = None) -> JobSubmissionClient:
+def connect(
+    address: str | None = None, token_file: str | None = None, token: str | None = None
+) -> JobSubmissionClient:
     """A Jobs API client for the cluster, with the auth header when (and only when) the cluster asks for one."""
     address = resolve_address(address)
     headers: dict[str, str] = {}
     if _probe(address, headers) != 200:
         token = token or resolve_token(token_file)
         if token is None:
-            raise AuthError(f"{address} requires a Ray auth token (RAY_AUTH_MODE=token) and none was found: "
-                            "set RAY_AUTH_TOKEN or pass --token-file")
+            raise AuthError(
+                f"{address} requires a Ray auth token (RAY_AUTH_MODE=token) and none was found: "
+                "set RAY_AUTH_TOKEN or pass --token-file"
+            )
         headers = {"Authorization": f"Bearer {token}"}
         code = _probe(address, headers)
         if code != 200:
-            raise AuthError(f"{address} refused the Ray auth token (HTTP {code}): it is not this cluster's token")
+            raise AuthError(
+                f"{address} refused the Ray auth token (HTTP {code}): it is not this cluster's token"
+            )
     from ray.job_submission import JobSubmissionClient
 
     with _translated(address):
@@ -241,10 +272,13 @@ def _address(client: JobSubmissionClient) -> str:
 def submit(client: JobSubmissionClient, config: SubmitConfig) -> str:
     """Submits the job (uploading the working dir if any); returns its id at once."""
     with _translated(_address(client), config.job_id):
-        return client.submit_job(entrypoint=config.entrypoint, submission_id=config.job_id,
-                                 runtime_env=config.runtime_env() or None,
-                                 entrypoint_num_cpus=config.entrypoint_num_cpus,
-                                 entrypoint_num_gpus=config.entrypoint_num_gpus)
+        return client.submit_job(
+            entrypoint=config.entrypoint,
+            submission_id=config.job_id,
+            runtime_env=config.runtime_env() or None,
+            entrypoint_num_cpus=config.entrypoint_num_cpus,
+            entrypoint_num_gpus=config.entrypoint_num_gpus,
+        )
 
 
 def _seconds(ms: int | None) -> float | None:
@@ -253,9 +287,14 @@ def _seconds(ms: int | None) -> float | None:
 
 def _info(details) -> JobInfo:
     status = getattr(details.status, "value", details.status)
-    return JobInfo(job_id=details.submission_id or details.job_id, status=str(status),
-                   message=details.message or "", entrypoint=details.entrypoint or "",
-                   start_time=_seconds(details.start_time), end_time=_seconds(details.end_time))
+    return JobInfo(
+        job_id=details.submission_id or details.job_id,
+        status=str(status),
+        message=details.message or "",
+        entrypoint=details.entrypoint or "",
+        start_time=_seconds(details.start_time),
+        end_time=_seconds(details.end_time),
+    )
 
 
 def status(client: JobSubmissionClient, job_id: str) -> JobInfo:
@@ -283,7 +322,9 @@ def list_jobs(client: JobSubmissionClient) -> list[JobInfo]:
     return sorted(jobs, key=lambda j: j.start_time or 0.0)
 
 
-def wait(client: JobSubmissionClient, job_id: str, timeout_s: float | None = None, poll_s: float = 0.5) -> JobInfo:
+def wait(
+    client: JobSubmissionClient, job_id: str, timeout_s: float | None = None, poll_s: float = 0.5
+) -> JobInfo:
     """Polls until the job is finished (or `timeout_s` passes); returns the last status seen."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -298,8 +339,9 @@ def _stdout(chunk: str) -> None:
     sys.stdout.flush()
 
 
-def follow(client: JobSubmissionClient, job_id: str, write: Callable[[str], None] = _stdout,
-           poll_s: float = 1.0) -> JobInfo:
+def follow(
+    client: JobSubmissionClient, job_id: str, write: Callable[[str], None] = _stdout, poll_s: float = 1.0
+) -> JobInfo:
     """Streams the job's logs to `write` until the job ends; returns its final status.
 
     Uses the job server's log websocket; where that breaks (a proxy without websockets, a dropped

@@ -29,8 +29,15 @@ def format_seconds(seconds: float) -> str:
 class ProgressReporter:
     """Counts units of work (shards, steps) toward a total and items (images) as they go by."""
 
-    def __init__(self, description: str, total: int, unit: str = "shards", item: str = "images",
-                 log_every: float = 10.0, live: bool | None = None):
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str = "shards",
+        item: str = "images",
+        log_every: float = 10.0,
+        live: bool | None = None,
+    ):
         self.description, self.total, self.unit, self.item = description, total, unit, item
         self.done = 0
         self.items = 0
@@ -44,9 +51,15 @@ class ProgressReporter:
     def __enter__(self) -> ProgressReporter:
         if self._live:
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), TextColumn("{task.fields[note]}"), transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[note]}"),
+                transient=False,
             )
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total, rate="", note="")
@@ -76,16 +89,33 @@ class ProgressReporter:
             self.note = note
         unit_rate = self.done / self.elapsed if self.elapsed > 0 else 0.0
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, note=self.note,
-                             rate=f"{unit_rate:.2f} {self.unit}/s, {self.rate:.1f} {self.item}/s")
+            self._bar.update(
+                self._task,
+                completed=self.done,
+                note=self.note,
+                rate=f"{unit_rate:.2f} {self.unit}/s, {self.rate:.1f} {self.item}/s",
+            )
         now = time.monotonic()
         if not self._live and (now - self._last_log >= self._log_every or self.done >= self.total):
             self._last_log = now
             eta = self.eta()
-            log.info("%s: %d/%d %s (%.2f/s), %d %s, %.1f %s/s, ETA %s%s", self.description, self.done, self.total,
-                     self.unit, unit_rate, self.items, self.item, self.rate, self.item,
-                     format_seconds(eta) if eta is not None else "?", f", {self.note}" if self.note else "")
+            log.info(
+                "%s: %d/%d %s (%.2f/s), %d %s, %.1f %s/s, ETA %s%s",
+                self.description,
+                self.done,
+                self.total,
+                self.unit,
+                unit_rate,
+                self.items,
+                self.item,
+                self.rate,
+                self.item,
+                format_seconds(eta) if eta is not None else "?",
+                f", {self.note}" if self.note else "",
+            )
 
     def summary(self) -> str:
-        return (f"{self.description}: {self.done}/{self.total} {self.unit}, {self.items} {self.item} "
-                f"in {format_seconds(self.elapsed)} ({self.rate:.1f} {self.item}/s)")
+        return (
+            f"{self.description}: {self.done}/{self.total} {self.unit}, {self.items} {self.item} "
+            f"in {format_seconds(self.elapsed)} ({self.rate:.1f} {self.item}/s)"
+        )

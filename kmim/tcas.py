@@ -35,8 +35,16 @@ def tcas(cooc: np.ndarray, form: str = "C") -> dict:
     weighted_first = float((per_code * r.sum(axis=1)).sum() / r.sum())
     gram = rbar.T @ rbar  # [C, C]; ‖R̄ᵀR̄‖_F² = Σ_{i,i'} C_ii'²
     second = float(max((gram * gram).sum() - (diag * diag).sum(), 0.0) / l1**2)
-    return {"tcas": first + second, "first_term": first, "second_term": second,
-            "patch_weighted_first_term": weighted_first, "k": k, "l1": l1, "classes": int(cooc.shape[1]), "form": form}
+    return {
+        "tcas": first + second,
+        "first_term": first,
+        "second_term": second,
+        "patch_weighted_first_term": weighted_first,
+        "k": k,
+        "l1": l1,
+        "classes": int(cooc.shape[1]),
+        "form": form,
+    }
 
 
 def usage(code_counts: np.ndarray) -> dict:
@@ -44,5 +52,10 @@ def usage(code_counts: np.ndarray) -> dict:
     n = np.asarray(code_counts, dtype=np.float64)
     total = n.sum()
     p = n[n > 0] / total if total else np.zeros(0)
-    return {"k": int(len(n)), "used_codes": int((n > 0).sum()), "dead_codes": int((n == 0).sum()),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0, "patches": int(total)}
+    return {
+        "k": len(n),
+        "used_codes": int((n > 0).sum()),
+        "dead_codes": int((n == 0).sum()),
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())) if len(p) else 0.0,
+        "patches": int(total),
+    }

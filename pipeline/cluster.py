@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import faiss
 import numpy as np
@@ -23,11 +23,19 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from kmim import __version__, fs
-from kmim.contract.schemas import CODEBOOK_META, CODEBOOK_TENSOR, CODEBOOK_WEIGHTS, FORMAT_VERSION, safetensors_metadata
-from kmim.errors import ConfigError, InputError
-from kmim.pipeline.features import FeatureFile, FeatureSet, iter_feature_batches, normalize_rows, open_features
+from kmim.contract import streams
+from kmim.contract.codebook import Assigner, Codebook, centers_file, normalize_rows
+from kmim.contract.schemas import CODEBOOK_META, CODEBOOK_WEIGHTS, FORMAT_VERSION, safetensors_metadata
+from kmim.errors import InputError
+from kmim.pipeline.configs import ClusterConfig
+from kmim.pipeline.features import FeatureFile, FeatureSet, iter_feature_batches, open_features
 from kmim.pipeline.kmeans import (
-    Assigner, accumulate, kmeans_plus_plus, largest_remainder, lloyd_update, minibatch_update, split_largest,
+    accumulate,
+    kmeans_plus_plus,
+    largest_remainder,
+    lloyd_update,
+    minibatch_update,
+    split_largest,
 )
 from kmim.pipeline.ray_runtime import ray_session, worker_count
 from kmim.pipeline.stage import StageResult, claim_output
@@ -35,50 +43,8 @@ from kmim.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
-INITS = ("kmeans++", "kmeans-parallel", "random")
 CHECKPOINT = "_checkpoint.safetensors"
 CHUNK_ROWS = 65536
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    k: int
-    epochs: int = 20
-    init: str = "kmeans++"
-    sample_for_init: int = 65536
-    spherical: bool = False
-    minibatch: int | None = None
-    seed: int = 0
-    tol: float = 0.0
-    parallel_rounds: int = 5  # k-means|| rounds, oversampling 2K points per round
-    init_from: str | None = None  # start from given centers: a codebook folder or a .safetensors file
-    init_from_sha256: str | None = None  # filled in by `cluster` (the fingerprint uses the content)
-    # execution only (not fingerprinted): they do not change the codebook
-    num_workers: int | None = None
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    memory_per_worker_gb: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.sample_for_init < 1 or self.parallel_rounds < 1:
-            raise ConfigError("sample_for_init and parallel_rounds must be >= 1")
-        if self.minibatch is not None and self.minibatch < 1:
-            raise ConfigError(f"minibatch must be >= 1, got {self.minibatch}")
-        if self.tol < 0:
-            raise ConfigError(f"tol must be >= 0, got {self.tol}")
-        if (self.num_workers is not None and self.num_workers < 1) or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("num_workers >= 1, gpus_per_worker >= 0 and cpus_per_worker > 0 required")
-
-    def output_config(self) -> dict:
-        keep = ("k", "epochs", "init", "sample_for_init", "spherical", "minibatch", "seed", "tol", "parallel_rounds",
-                "init_from_sha256")
-        return {k: v for k, v in asdict(self).items() if k in keep}
 
 
 # --- the actor -------------------------------------------------------------------------------------
@@ -87,7 +53,9 @@ class ClusterConfig:
 class KMeansWorker:
     """Owns a disjoint set of feature files; answers per-epoch assignment statistics."""
 
-    def __init__(self, files: list[dict], dim: int, spherical: bool, in_memory: bool, use_gpu: bool, threads: int):
+    def __init__(
+        self, files: list[dict], dim: int, spherical: bool, in_memory: bool, use_gpu: bool, threads: int
+    ):
         faiss.omp_set_num_threads(threads)
         torch.set_num_threads(threads)
         self.files = [FeatureFile(**f) for f in files]
@@ -123,7 +91,9 @@ class KMeansWorker:
             for start, x in self._raw_batches(f):
                 finite = np.isfinite(x).all(axis=1)
                 if not finite.all():
-                    bad.append({"file": f.url, "row": start + int(np.argmin(finite)), "count": int((~finite).sum())})
+                    bad.append(
+                        {"file": f.url, "row": start + int(np.argmin(finite)), "count": int((~finite).sum())}
+                    )
                 if self.in_memory:
                     parts.append(self._prepare(x))
                 rows += len(x)
@@ -156,14 +126,18 @@ class KMeansWorker:
         for f in self.files:
             n = counts.get(f.index, 0)
             if n:
-                rows = np.sort(np.random.default_rng([seed, 101, f.index]).choice(f.rows, size=n, replace=False))
+                rows = np.sort(
+                    streams.rng("kmeans_sample", seed, f.index).choice(f.rows, size=n, replace=False)
+                )
                 out[f.index] = self._file(f)[rows]
         return out
 
     def gather(self, rows: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         return {f.index: self._file(f)[rows[f.index]] for f in self.files if f.index in rows}
 
-    def minibatch_stats(self, centers: np.ndarray, rows: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
+    def minibatch_stats(
+        self, centers: np.ndarray, rows: dict[int, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         assigner = Assigner(centers, self.use_gpu)
         k = len(centers)
         sums = torch.zeros(k, self.dim, dtype=torch.float64)
@@ -186,10 +160,12 @@ class KMeansWorker:
             phi += float(self.d2[f.index].sum())
         return phi
 
-    def parallel_oversample(self, oversampling: float, phi: float, seed: int, round_: int) -> dict[int, np.ndarray]:
+    def parallel_oversample(
+        self, oversampling: float, phi: float, seed: int, round_: int
+    ) -> dict[int, np.ndarray]:
         out = {}
         for f in self.files:
-            u = np.random.default_rng([seed, 202, round_, f.index]).random(f.rows)
+            u = streams.rng("kmeans_oversample", seed, round_, f.index).random(f.rows)
             rows = np.flatnonzero(u < oversampling * self.d2[f.index] / phi)
             if len(rows):
                 out[f.index] = self._file(f)[rows]
@@ -241,7 +217,7 @@ class Driver:
 
     def initial_centers(self) -> np.ndarray:
         c = self.config
-        rng = np.random.default_rng([c.seed, 1])
+        rng = streams.rng("kmeans_init", c.seed)
         if c.init_from:
             return read_centers(c.init_from, c.k, self.features.dim)
         if c.init == "random":
@@ -260,7 +236,9 @@ class Driver:
         for r in range(c.parallel_rounds):
             if phi <= 0:
                 break
-            picked = _by_file(ray.get([a.parallel_oversample.remote(2.0 * c.k, phi, c.seed, r) for a in self.actors]))
+            picked = _by_file(
+                ray.get([a.parallel_oversample.remote(2.0 * c.k, phi, c.seed, r) for a in self.actors])
+            )
             if len(picked):
                 candidates.append(picked)
                 phi = sum(ray.get([a.parallel_update.remote(picked) for a in self.actors]))
@@ -270,7 +248,7 @@ class Driver:
         weights = sum(ray.get([a.candidate_weights.remote(cand) for a in self.actors])).astype(np.float64)
         centers = kmeans_plus_plus(cand, c.k, rng, np.maximum(weights, 1e-12))
         for _ in range(10):  # weighted Lloyd on the candidates (Bahmani et al., step 8)
-            d2, labels = Assigner(centers).assign(cand)
+            _, labels = Assigner(centers).assign(cand)
             sums = np.zeros_like(centers, dtype=np.float64)
             np.add.at(sums, labels, cand * weights[:, None])
             mass = np.bincount(labels, weights=weights, minlength=c.k)
@@ -283,15 +261,22 @@ class Driver:
         sums = np.sum([r[0] for r in results], axis=0)
         counts = np.sum([r[1] for r in results], axis=0)
         inertia = float(sum(r[2] for r in results))
-        new, reseeds = lloyd_update(sums, counts, centers, np.random.default_rng([self.config.seed, 3, epoch]),
-                                    self.config.spherical)
+        new, reseeds = lloyd_update(
+            sums,
+            counts,
+            centers,
+            streams.rng("kmeans_reseed", self.config.seed, epoch),
+            self.config.spherical,
+        )
         return new, inertia, reseeds
 
-    def minibatch_epoch(self, centers: np.ndarray, seen: np.ndarray, epoch: int) -> tuple[np.ndarray, float, int]:
+    def minibatch_epoch(
+        self, centers: np.ndarray, seen: np.ndarray, epoch: int
+    ) -> tuple[np.ndarray, float, int]:
         c = self.config
         n = self.features.rows
         steps = max(1, -(-n // c.minibatch))
-        rng = np.random.default_rng([c.seed, 4, epoch])
+        rng = streams.rng("kmeans_minibatch", c.seed, epoch)
         inertia = 0.0
         centers = centers.copy()
         for _ in range(steps):
@@ -303,7 +288,7 @@ class Driver:
             inertia += sum(r[2] for r in results)
             minibatch_update(centers, seen, sums, counts, c.spherical)
         empty = [int(j) for j in np.flatnonzero(seen == 0)]
-        reseeds = split_largest(centers, seen, empty, np.random.default_rng([c.seed, 3, epoch]))
+        reseeds = split_largest(centers, seen, empty, streams.rng("kmeans_reseed", c.seed, epoch))
         return centers, inertia * n / (steps * min(c.minibatch, n)), reseeds
 
     def evaluate(self, centers: np.ndarray) -> tuple[np.ndarray, float]:
@@ -311,22 +296,11 @@ class Driver:
         return np.sum([r[1] for r in results], axis=0), float(sum(r[2] for r in results))
 
 
-def _centers_file(url: str) -> str:
-    return url if url.endswith(".safetensors") else fs.join(url, CODEBOOK_WEIGHTS)
-
-
 def read_centers(url: str, k: int, dim: int) -> np.ndarray:
     """Initial centers from a codebook folder or a .safetensors file holding `centers` [k, dim]."""
-    path = _centers_file(url)
-    if not fs.exists(path):
-        raise InputError(path, "no such centers file")
-    filesystem, p = fs.get_fs(path)
-    tensors = st_load(filesystem.cat_file(p))
-    if CODEBOOK_TENSOR not in tensors:
-        raise InputError(path, f"no '{CODEBOOK_TENSOR}' tensor")
-    centers = tensors[CODEBOOK_TENSOR].astype(np.float32)
+    centers = Codebook.load(url).centers
     if centers.shape != (k, dim):
-        raise InputError(path, f"centers have shape {centers.shape}, expected ({k}, {dim})")
+        raise InputError(centers_file(url), f"centers have shape {centers.shape}, expected ({k}, {dim})")
     return centers
 
 
@@ -352,10 +326,12 @@ def cluster(features_url: str, output: str, config: ClusterConfig, address: str 
     """Run (or resume) the cluster stage; an already complete output is returned as it is."""
     features = open_features(features_url)
     if config.k > features.rows:
-        raise InputError(features_url, f"k = {config.k} is larger than the number of feature vectors ({features.rows})")
+        raise InputError(
+            features_url, f"k = {config.k} is larger than the number of feature vectors ({features.rows})"
+        )
     if config.init_from:
-        config = replace(config, init_from_sha256=fs.sha256_of(_centers_file(config.init_from)))
-    out = claim_output(output, "cluster", config.output_config(), [f.input_ref() for f in features.files])
+        config = replace(config, init_from_sha256=fs.sha256_of(centers_file(config.init_from)))
+    out = claim_output(output, "cluster", config, [f.input_ref() for f in features.files])
     if out.finished:
         log.info("cluster: %s is already complete; nothing to do", output)
         return StageResult(out.manifest, ran=False)
@@ -363,25 +339,46 @@ def cluster(features_url: str, output: str, config: ClusterConfig, address: str 
     fingerprint = out.manifest.fingerprint
     start = time.monotonic()
     with ray_session(address) as resources:
-        workers = config.num_workers or worker_count(resources, config.cpus_per_worker, config.gpus_per_worker, len(features.files))
+        workers = config.ray_workers or worker_count(
+            resources, config.cpus_per_worker, config.gpus_per_worker, len(features.files)
+        )
         parts = partition(features.files, min(workers, len(features.files)))
-        budget = (config.memory_per_worker_gb * 1024**3 if config.memory_per_worker_gb is not None
-                  else 0.5 * resources.get("memory", 8 * 1024**3) / len(parts))
+        budget = (
+            config.memory_per_worker_gb * 1024**3
+            if config.memory_per_worker_gb is not None
+            else 0.5 * resources.get("memory", 8 * 1024**3) / len(parts)
+        )
         remote = ray.remote(num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker)(KMeansWorker)
         actors = []
         in_memory = []
         for part in parts:
             fits = sum(f.rows for f in part) * features.dim * 4 <= budget
             in_memory.append(fits)
-            actors.append(remote.remote([asdict(f) for f in part], features.dim, config.spherical, fits,
-                                        config.gpus_per_worker > 0, max(1, int(config.cpus_per_worker))))
+            actors.append(
+                remote.remote(
+                    [asdict(f) for f in part],
+                    features.dim,
+                    config.spherical,
+                    fits,
+                    config.gpus_per_worker > 0,
+                    max(1, int(config.cpus_per_worker)),
+                )
+            )
         loaded = ray.get([a.load.remote() for a in actors])
         bad = [b for r in loaded for b in r["bad"]]
         if bad:
-            raise InputError(bad[0]["file"], f"{sum(b['count'] for b in bad)} feature vectors hold NaN or Inf "
-                                             f"(first at row {bad[0]['row']})")
-        log.info("cluster: %d features x %d dims on %d workers (%s)", features.rows, features.dim, len(actors),
-                 ", ".join("in memory" if m else "streamed" for m in in_memory))
+            raise InputError(
+                bad[0]["file"],
+                f"{sum(b['count'] for b in bad)} feature vectors hold NaN or Inf "
+                f"(first at row {bad[0]['row']})",
+            )
+        log.info(
+            "cluster: %d features x %d dims on %d workers (%s)",
+            features.rows,
+            features.dim,
+            len(actors),
+            ", ".join("in memory" if m else "streamed" for m in in_memory),
+        )
         driver = Driver(features, config, actors)
         resumed = _load_checkpoint(output, fingerprint)
         if resumed is not None:
@@ -391,10 +388,17 @@ def cluster(features_url: str, output: str, config: ClusterConfig, address: str 
             t0 = time.monotonic()
             centers = driver.initial_centers().astype(np.float32)
             if config.spherical:
-                centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+                centers = normalize_rows(centers)
             seen = np.zeros(config.k, dtype=np.float64)
-            state = {"fingerprint": fingerprint, "epochs_done": 0, "inertia": [], "seconds_per_epoch": [],
-                     "reseeds": [], "init_seconds": round(time.monotonic() - t0, 3), "stopped_early": False}
+            state = {
+                "fingerprint": fingerprint,
+                "epochs_done": 0,
+                "inertia": [],
+                "seconds_per_epoch": [],
+                "reseeds": [],
+                "init_seconds": round(time.monotonic() - t0, 3),
+                "stopped_early": False,
+            }
             _save_checkpoint(output, centers, seen, state)
         with ProgressReporter("cluster", config.epochs, unit="epochs", item="points") as progress:
             progress.advance(state["epochs_done"], 0)
@@ -415,35 +419,73 @@ def cluster(features_url: str, output: str, config: ClusterConfig, address: str 
                 _save_checkpoint(output, centers, seen, state)
                 progress.advance(1, features.rows)
         sizes, final_inertia = driver.evaluate(centers)
-    return StageResult(_write_codebook(out, features, config, centers, sizes, final_inertia, state,
-                                       len(actors), time.monotonic() - start), ran=True)
+    return StageResult(
+        _write_codebook(
+            out, features, config, centers, sizes, final_inertia, state, len(actors), time.monotonic() - start
+        ),
+        ran=True,
+    )
 
 
-def _write_codebook(out, features: FeatureSet, config: ClusterConfig, centers: np.ndarray, sizes: np.ndarray,
-                    final_inertia: float, state: dict, workers: int, wall: float):
+def _write_codebook(
+    out,
+    features: FeatureSet,
+    config: ClusterConfig,
+    centers: np.ndarray,
+    sizes: np.ndarray,
+    final_inertia: float,
+    state: dict,
+    workers: int,
+    wall: float,
+):
     extract_config = features.manifest.config
     meta = {
-        "format_version": FORMAT_VERSION, "kmim_version": __version__,
-        "k": int(centers.shape[0]), "dim": int(centers.shape[1]),
-        "extractor": extract_config["extractor"], "extractor_fingerprint": extract_config["extractor"]["fingerprint"],
+        "format_version": FORMAT_VERSION,
+        "kmim_version": __version__,
+        "k": int(centers.shape[0]),
+        "dim": int(centers.shape[1]),
+        "extractor": extract_config["extractor"],
+        "extractor_fingerprint": extract_config["extractor"]["fingerprint"],
         "view": {k: extract_config[k] for k in ("image_size", "patch_size", "crop_pct")},
-        "features": {"url": features.url, "fingerprint": features.manifest.fingerprint, "rows": features.rows},
-        "init": f"from {config.init_from}" if config.init_from else config.init, "seed": config.seed, "spherical": config.spherical, "minibatch": config.minibatch,
-        "epochs_run": state["epochs_done"], "stopped_early": state["stopped_early"],
-        "inertia_per_epoch": state["inertia"], "final_inertia": final_inertia,
-        "cluster_sizes": sizes.astype(int).tolist(), "empty_cluster_reseeds": int(sum(state["reseeds"])),
-        "reseeds_per_epoch": state["reseeds"], "seconds_per_epoch": state["seconds_per_epoch"],
-        "init_seconds": state["init_seconds"], "workers": workers,
+        "features": {
+            "url": features.url,
+            "fingerprint": features.manifest.fingerprint,
+            "rows": features.rows,
+        },
+        "init": f"from {config.init_from}" if config.init_from else config.init,
+        "seed": config.seed,
+        "spherical": config.spherical,
+        "minibatch": config.minibatch,
+        "epochs_run": state["epochs_done"],
+        "stopped_early": state["stopped_early"],
+        "inertia_per_epoch": state["inertia"],
+        "final_inertia": final_inertia,
+        "cluster_sizes": sizes.astype(int).tolist(),
+        "empty_cluster_reseeds": int(sum(state["reseeds"])),
+        "reseeds_per_epoch": state["reseeds"],
+        "seconds_per_epoch": state["seconds_per_epoch"],
+        "init_seconds": state["init_seconds"],
+        "workers": workers,
     }
-    fs.write_bytes_atomic(fs.join(out.url, CODEBOOK_WEIGHTS), st_save({CODEBOOK_TENSOR: centers.astype(np.float32)}))
-    fs.write_json_atomic(fs.join(out.url, CODEBOOK_META), meta)
+    Codebook(centers.astype(np.float32), meta).save(out.url)
     m = out.manifest
-    m.outputs = [{"url": CODEBOOK_WEIGHTS, "sha256": fs.sha256_of(fs.join(out.url, CODEBOOK_WEIGHTS))},
-                 {"url": CODEBOOK_META}]
-    m.stats = {"k": meta["k"], "dim": meta["dim"], "points": features.rows, "epochs_run": meta["epochs_run"],
-               "final_inertia": final_inertia, "empty_cluster_reseeds": meta["empty_cluster_reseeds"],
-               "used_codes": int((sizes > 0).sum()), "wall_seconds": round(wall, 3), "workers": workers}
+    m.outputs = [
+        {"url": CODEBOOK_WEIGHTS, "sha256": fs.sha256_of(fs.join(out.url, CODEBOOK_WEIGHTS))},
+        {"url": CODEBOOK_META},
+    ]
+    m.stats = {
+        "k": meta["k"],
+        "dim": meta["dim"],
+        "points": features.rows,
+        "epochs_run": meta["epochs_run"],
+        "final_inertia": final_inertia,
+        "empty_cluster_reseeds": meta["empty_cluster_reseeds"],
+        "used_codes": int((sizes > 0).sum()),
+        "wall_seconds": round(wall, 3),
+        "workers": workers,
+    }
     m.write(out.url)
+    out.release()
     fs.remove(fs.join(out.url, CHECKPOINT))
     return m
 
@@ -452,6 +494,8 @@ def summary_line(result: StageResult, output: str) -> str:
     s = result.manifest.stats
     if not result.ran:
         return f"cluster: {output} is already complete (K={s['k']}, {s['epochs_run']} epochs); nothing to do"
-    return (f"cluster: K={s['k']} centers of dim {s['dim']} from {s['points']} features in {s['epochs_run']} epochs "
-            f"on {s['workers']} workers; inertia {s['final_inertia']:.6g}; {s['used_codes']} codes used; "
-            f"{s['empty_cluster_reseeds']} empty-cluster re-seeds; {s['wall_seconds']:.1f}s -> {output}")
+    return (
+        f"cluster: K={s['k']} centers of dim {s['dim']} from {s['points']} features in {s['epochs_run']} epochs "
+        f"on {s['workers']} workers; inertia {s['final_inertia']:.6g}; {s['used_codes']} codes used; "
+        f"{s['empty_cluster_reseeds']} empty-cluster re-seeds; {s['wall_seconds']:.1f}s -> {output}"
+    )

@@ -1,10 +1,10 @@
 """Shard-at-a-time execution on Ray actors, with bounded retries and durable progress.
 
-A stage gives a worker class whose `process(shard)` returns a result dict `{"ok": bool, "stats": ...,
-"error": str}` rather than raising (img2dataset's convention). Each worker writes its shard's output and
-then its per-shard stats file, the shard's commit marker; shards already committed are skipped, so a
-killed stage resumes where it stopped. Failed shards are retried up to `max_retries` times (a dead
-worker is replaced), then reported.
+A stage gives a worker class whose `process(shard)` returns a `ShardResult` (ok, the shard's `ShardStats`,
+or the error) rather than raising (img2dataset's convention). Each worker writes its shard's output and
+then its per-shard stats file (`ShardStats.commit`), the shard's commit marker; shards already committed
+are skipped, so a killed stage resumes where it stopped. Failed shards are retried up to `max_retries`
+times (a dead worker is replaced), then reported.
 """
 
 from __future__ import annotations
@@ -15,25 +15,98 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
+from kmim import fs
 from kmim.data.reader import ShardRef
 from kmim.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
+STATS_SUFFIX = "_stats.json"  # `<shard>_stats.json`: a shard's stats, written last (its commit marker)
+_COMMON = ("shard", "input", "fingerprint", "samples", "num_skipped", "skipped", "seconds", "output")
+
+
+def stats_name(shard_name: str) -> str:
+    return f"{shard_name}{STATS_SUFFIX}"
+
+
+@dataclass
+class ShardStats:
+    """One shard's stats, as `<shard>_stats.json` holds them (the same keys, in the same order, as kmim 0.1).
+
+    `extra`: the stage's own keys (extract: `patches`, `dim`), written after `samples`. `arrays`: results
+    kept in memory only, never written (tcas_report's token counts)."""
+
+    shard: str
+    input: str
+    fingerprint: str
+    samples: int
+    num_skipped: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    output: dict | None = None  # the committed output file: {"url", ...}; None when nothing is written
+    extra: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict:
+        return {
+            "shard": self.shard,
+            "input": self.input,
+            "fingerprint": self.fingerprint,
+            "samples": self.samples,
+            **self.extra,
+            "num_skipped": self.num_skipped,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+            "output": self.output,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> ShardStats:
+        return cls(
+            shard=d["shard"],
+            input=d["input"],
+            fingerprint=d["fingerprint"],
+            samples=int(d["samples"]),
+            num_skipped=int(d.get("num_skipped", 0)),
+            skipped=list(d.get("skipped", [])),
+            seconds=dict(d.get("seconds", {})),
+            output=d.get("output"),
+            extra={k: v for k, v in d.items() if k not in _COMMON},
+        )
+
+    def commit(self, out_url: str) -> None:
+        """Write `<shard>_stats.json` into `out_url`: call it after the shard's output is complete."""
+        fs.write_json_atomic(fs.join(out_url, stats_name(self.shard)), self.to_json())
+
+
+@dataclass
+class ShardResult:
+    """What a worker answers for one shard: its stats, or why it failed (`fatal`: stop the stage now)."""
+
+    ok: bool
+    stats: ShardStats | None = None
+    error: str | None = None
+    fatal: bool = False
+
 
 @dataclass
 class StageRun:
-    done: dict[str, dict] = field(default_factory=dict)  # shard name -> stats, this run
-    reused: dict[str, dict] = field(default_factory=dict)  # shard name -> stats, from an earlier run
+    done: dict[str, ShardStats] = field(default_factory=dict)  # shard name -> stats, this run
+    reused: dict[str, ShardStats] = field(default_factory=dict)  # shard name -> stats, from an earlier run
     failed: dict[str, str] = field(default_factory=dict)  # shard name -> last error
     retries: int = 0
 
     @property
-    def all_stats(self) -> dict[str, dict]:
+    def all_stats(self) -> dict[str, ShardStats]:
         return {**self.reused, **self.done}
+
+    def counts(self) -> dict[str, int]:
+        """The manifest's `shards_reused`, `shards_run` and `retries`."""
+        return {"shards_reused": len(self.reused), "shards_run": len(self.done), "retries": self.retries}
 
 
 class ShardWorker:
@@ -53,20 +126,20 @@ class ShardWorker:
     def setup(self, *args: Any) -> None:
         raise NotImplementedError
 
-    def process_shard(self, shard: ShardRef) -> dict:
+    def process_shard(self, shard: ShardRef) -> ShardStats:
         raise NotImplementedError
 
-    def process(self, shard: ShardRef) -> dict:
+    def process(self, shard: ShardRef) -> ShardResult:
         if self.setup_error is not None:
-            return {"ok": False, "fatal": True, "error": f"worker setup failed: {self.setup_error}"}
+            return ShardResult(False, error=f"worker setup failed: {self.setup_error}", fatal=True)
         try:
-            return {"ok": True, "stats": self.process_shard(shard)}
+            return ShardResult(True, stats=self.process_shard(shard))
         except Exception as e:  # noqa: BLE001 - reported per shard, retried by the driver
             log.debug("shard %s failed:\n%s", shard.name, traceback.format_exc())
-            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            return ShardResult(False, error=f"{type(e).__name__}: {e}")
 
 
-def _process_in_task(worker_cls: type, worker_args: tuple, shard: ShardRef) -> dict:
+def _process_in_task(worker_cls: type, worker_args: tuple, shard: ShardRef) -> ShardResult:
     return worker_cls(*worker_args).process(shard)
 
 
@@ -76,12 +149,12 @@ def run_shards(
     worker_cls: type,
     worker_args: tuple[Any, ...],
     *,
-    committed: Callable[[ShardRef], dict | None],
+    committed: Callable[[ShardRef], ShardStats | None],
     num_workers: int,
     ray_options: dict[str, Any],
     use_actors: bool = True,
     max_retries: int = 2,
-    count_items: Callable[[dict], int] = lambda s: int(s.get("samples", 0)),
+    count_items: Callable[[ShardStats], int] = lambda s: s.samples,
 ) -> StageRun:
     """Process every uncommitted shard with at most `num_workers` in flight.
 
@@ -135,17 +208,18 @@ def run_shards(
                 result = ray.get(ready[0])
                 idle.append(worker)
             except (RayActorError, WorkerCrashedError) as e:
-                result = {"ok": False, "error": f"worker died: {type(e).__name__}"}
+                result = ShardResult(False, error=f"worker died: {type(e).__name__}")
                 discard(worker)
                 idle.append(new_worker())
             except RayTaskError as e:
-                result = {"ok": False, "error": str(e).splitlines()[-1] if str(e) else type(e).__name__}
+                result = ShardResult(False, error=str(e).splitlines()[-1] if str(e) else type(e).__name__)
                 idle.append(worker)
-            if result["ok"]:
-                run.done[shard.name] = result["stats"]
-                progress.advance(1, count_items(result["stats"]))
-            elif result.get("fatal"):
-                run.failed[shard.name] = result["error"]
+            if result.ok:
+                assert result.stats is not None, "a successful shard result carries its stats"
+                run.done[shard.name] = result.stats
+                progress.advance(1, count_items(result.stats))
+            elif result.fatal:
+                run.failed[shard.name] = str(result.error)
                 todo.clear()
                 for ref in in_flight:
                     ray.cancel(ref, force=True)
@@ -153,11 +227,24 @@ def run_shards(
                 in_flight.clear()
             elif attempt < max_retries:
                 run.retries += 1
-                log.warning("%s: shard %s failed (%s); retry %d/%d", description, shard.name, result["error"], attempt + 1, max_retries)
+                log.warning(
+                    "%s: shard %s failed (%s); retry %d/%d",
+                    description,
+                    shard.name,
+                    result.error,
+                    attempt + 1,
+                    max_retries,
+                )
                 todo.append((shard, attempt + 1))
             else:
-                log.error("%s: shard %s failed after %d attempts: %s", description, shard.name, attempt + 1, result["error"])
-                run.failed[shard.name] = result["error"]
+                log.error(
+                    "%s: shard %s failed after %d attempts: %s",
+                    description,
+                    shard.name,
+                    attempt + 1,
+                    result.error,
+                )
+                run.failed[shard.name] = str(result.error)
                 progress.advance(1, 0)
     for worker in idle:
         discard(worker)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -16,60 +16,25 @@ import pyarrow.parquet as pq
 import torch
 
 from kmim import fs
+from kmim.contract import streams
 from kmim.contract.manifest import StageManifest
 from kmim.contract.patches import grid_size
 from kmim.contract.schemas import feature_schema
 from kmim.contract.views import ViewSpec, apply_view, center_view, key_hash, to_uint8_array
 from kmim.data.reader import ReadStats, ShardRef, iter_images, open_dataset
-from kmim.errors import ConfigError
 from kmim.extractors import ExtractorSpec, build_extractor
-from kmim.pipeline.executor import ShardWorker, run_shards
-from kmim.pipeline.ray_runtime import ray_session, worker_count
-from kmim.pipeline.stage import StageResult, claim_output, finish_stage
+from kmim.pipeline.configs import ExtractConfig
+from kmim.pipeline.executor import ShardStats, ShardWorker, StageRun
+from kmim.pipeline.stage import ShardStage, StageResult, run_shard_stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    extractor: str = "pixel"
-    weights: str | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    crop_pct: float = 0.875
-    patches_per_image: int | None = None
-    dtype: str = "float16"
-    seed: int = 0
-    # execution only: they do not change the output, so they stay out of the fingerprint
-    batch_size: int = 64
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_retries: int = 2
-
-    def __post_init__(self) -> None:
-        self.extractor_spec()  # validates name / sizes
-        ViewSpec(self.image_size, self.crop_pct)
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.patches_per_image is not None and self.patches_per_image < 1:
-            raise ConfigError(f"patches_per_image must be >= 1, got {self.patches_per_image}")
-        if self.batch_size < 1 or self.max_retries < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("batch_size >= 1, max_retries >= 0, gpus_per_worker >= 0, cpus_per_worker > 0 required")
-
-    def extractor_spec(self) -> ExtractorSpec:
-        return ExtractorSpec(self.extractor, self.image_size, self.patch_size, self.weights)
-
-    def output_config(self, spec: ExtractorSpec) -> dict:
-        """The part of the config that determines the output (the fingerprinted part)."""
-        keep = ("image_size", "patch_size", "crop_pct", "patches_per_image", "dtype", "seed")
-        return {**{k: v for k, v in asdict(self).items() if k in keep}, "extractor": spec.to_json()}
 
 
 def patch_subset(key: str, num_patches: int, keep: int | None, seed: int) -> np.ndarray:
     """The patches kept for one image: all, or a sample fixed by (seed, key)."""
     if keep is None or keep >= num_patches:
         return np.arange(num_patches)
-    rng = np.random.default_rng([seed, key_hash(key), 0x5A])
+    rng = streams.rng("patch_sample", seed, key_hash(key))
     return np.sort(rng.choice(num_patches, size=keep, replace=False))
 
 
@@ -83,11 +48,19 @@ class FeatureShardWriter:
         # them costs about as much as the whole rest of the write.
         small = ["key", "label", "patch"]
         # zstd level 1: 45 % faster than the default level here, for the same size on patch features.
-        self.writer = pq.ParquetWriter(sink, self.schema, compression="zstd", compression_level=1,
-                                       use_dictionary=small[:2], write_statistics=small)
+        self.writer = pq.ParquetWriter(
+            sink,
+            self.schema,
+            compression="zstd",
+            compression_level=1,
+            use_dictionary=small[:2],
+            write_statistics=small,
+        )
         self.rows = 0
 
-    def write(self, keys: list[str], labels: list[int | None], patches: list[np.ndarray], feats: list[np.ndarray]) -> None:
+    def write(
+        self, keys: list[str], labels: list[int | None], patches: list[np.ndarray], feats: list[np.ndarray]
+    ) -> None:
         row_image = pa.array(np.repeat(np.arange(len(keys)), [len(p) for p in patches]))  # image of each row
         flat = np.concatenate(feats).astype(self.np_dtype, copy=False)  # [rows, D]
         table = pa.table(
@@ -135,8 +108,12 @@ class ExtractWorker(ShardWorker):
                 feats = self.extractor(np.stack([v for _, _, v in batch])).numpy()  # [B, L, D]
                 t1 = time.perf_counter()
                 idx = [patch_subset(k, self.num_patches, c.patches_per_image, c.seed) for k, _, _ in batch]
-                writer.write([k for k, _, _ in batch], [lab for _, lab, _ in batch], idx,
-                             [f[i] for f, i in zip(feats, idx)])
+                writer.write(
+                    [k for k, _, _ in batch],
+                    [lab for _, lab, _ in batch],
+                    idx,
+                    [f[i] for f, i in zip(feats, idx)],
+                )
                 seconds["compute"] += t1 - t0
                 seconds["write"] += time.perf_counter() - t1
                 batch.clear()
@@ -153,46 +130,54 @@ class ExtractWorker(ShardWorker):
             t0 = time.perf_counter()
             writer.close()
             seconds["write"] += time.perf_counter() - t0
-        result = {
-            "shard": shard.name, "input": shard.url, "fingerprint": self.fingerprint,
-            "samples": stats.samples, "patches": writer.rows, "dim": self.extractor.dim,
-            "num_skipped": stats.num_skipped, "skipped": stats.skipped,
-            "seconds": {**{k: round(v, 4) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 4)},
-            "output": {"url": name, "rows": writer.rows, "bytes": sink.nbytes, "sha256": sink.hexdigest()},
-        }
-        fs.write_json_atomic(fs.join(self.out_url, f"{shard.name}_stats.json"), result)  # the shard's commit marker
+        result = ShardStats(
+            shard=shard.name,
+            input=shard.url,
+            fingerprint=self.fingerprint,
+            samples=stats.samples,
+            num_skipped=stats.num_skipped,
+            skipped=stats.skipped,
+            seconds={
+                **{k: round(v, 4) for k, v in seconds.items()},
+                "total": round(time.perf_counter() - start, 4),
+            },
+            output={"url": name, "rows": writer.rows, "bytes": sink.nbytes, "sha256": sink.hexdigest()},
+            extra={"patches": writer.rows, "dim": self.extractor.dim},
+        )
+        result.commit(self.out_url)  # the shard's commit marker
         return result
 
 
-def extract(input: str, output: str, config: ExtractConfig = ExtractConfig(), address: str | None = None) -> StageResult:
+def extract(
+    input: str, output: str, config: ExtractConfig = ExtractConfig(), address: str | None = None
+) -> StageResult:
     """Run (or resume) the extract stage; an already complete output is returned as it is."""
     dataset = open_dataset(input)
     spec = config.extractor_spec().with_weights_hash()
-    out = claim_output(output, "extract", config.output_config(spec), [s.input_ref() for s in dataset.shards])
-    if out.finished:
-        log.info("extract: %s is already complete (%d shards); nothing to do", output, len(out.manifest.outputs))
-        return StageResult(out.manifest, ran=False)
-    fs.write_json_atomic(fs.join(output, "config.json"), asdict(config))
-    start = time.monotonic()
-    with ray_session(address) as resources:
-        n = worker_count(resources, config.cpus_per_worker, config.gpus_per_worker, len(dataset.shards))
-        run = run_shards(
-            "extract", dataset.shards, ExtractWorker,
-            (asdict(config), spec.to_json(), output, out.manifest.fingerprint),
-            committed=out.committed, num_workers=n, max_retries=config.max_retries,
+
+    def summarize(run: StageRun) -> dict:
+        stats = run.all_stats.values()
+        dims = {s.extra["dim"] for s in stats}
+        return {
+            "patches": sum(s.extra["patches"] for s in stats),
+            "dim": dims.pop() if len(dims) == 1 else sorted(dims),
+            **run.counts(),
+        }
+
+    return run_shard_stage(
+        ShardStage(
+            "extract",
+            config,
+            dataset.shards,
+            ExtractWorker,
+            worker_args=lambda fingerprint: (asdict(config), spec.to_json(), output, fingerprint),
+            saved_config=asdict(config),
+            summarize=summarize,
             use_actors=spec.model_name is not None,  # a model loads once per actor; pixels need no setup
-            ray_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker},
-        )
-    if run.reused:
-        log.info("extract: %d shards were already committed by an earlier run", len(run.reused))
-    stats = run.all_stats
-    dims = {s["dim"] for s in stats.values()}
-    manifest = finish_stage(out, dataset.shards, stats, run.failed, wall_seconds=time.monotonic() - start, extra_stats={
-        "patches": sum(s["patches"] for s in stats.values()),
-        "dim": dims.pop() if len(dims) == 1 else sorted(dims),
-        "shards_reused": len(run.reused), "shards_run": len(run.done), "retries": run.retries,
-    })
-    return StageResult(manifest, ran=True)
+        ),
+        output,
+        address,
+    )
 
 
 def summary_line(manifest: StageManifest, output: str, ran: bool = True) -> str:
@@ -200,6 +185,8 @@ def summary_line(manifest: StageManifest, output: str, ran: bool = True) -> str:
     if not ran:
         return f"extract: {output} is already complete ({s['samples']} images, {s['shards']} shards); nothing to do"
     rate = s["samples"] / s["wall_seconds"] if s.get("wall_seconds") else 0.0
-    return (f"extract: {s['samples']} images -> {s['patches']} patch features (dim {s['dim']}) in {s['shards']} shards "
-            f"at {output}; {s['num_skipped']} skipped; {s.get('shards_reused', 0)} shards reused; "
-            f"{s['wall_seconds']:.1f}s ({rate:.1f} images/s)")
+    return (
+        f"extract: {s['samples']} images -> {s['patches']} patch features (dim {s['dim']}) in {s['shards']} shards "
+        f"at {output}; {s['num_skipped']} skipped; {s.get('shards_reused', 0)} shards reused; "
+        f"{s['wall_seconds']:.1f}s ({rate:.1f} images/s)"
+    )

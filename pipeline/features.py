@@ -44,8 +44,10 @@ def open_features(url: str) -> FeatureSet:
         raise InputError(url, "no manifest.json: not a finished `kmim pipeline extract` output")
     if manifest.stage != "extract":
         raise InputError(url, f"is a {manifest.stage} output, not extract features")
-    files = [FeatureFile(i, fs.join(url, o["url"]), int(o["rows"]), int(o["bytes"]), o["sha256"])
-             for i, o in enumerate(manifest.outputs)]
+    files = [
+        FeatureFile(i, fs.join(url, o["url"]), int(o["rows"]), int(o["bytes"]), o["sha256"])
+        for i, o in enumerate(manifest.outputs)
+    ]
     if sum(f.rows for f in files) == 0:
         raise InputError(url, "empty feature set: 0 patch features")
     dims = {}
@@ -76,9 +78,3 @@ def iter_feature_batches(url: str, dim: int, batch_rows: int = 65536) -> Iterato
 def read_feature_file(url: str, dim: int) -> np.ndarray:
     parts = list(iter_feature_batches(url, dim))
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Unit L2 norm per row (spherical k-means); zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)

@@ -5,12 +5,25 @@ Everything random takes an explicit numpy Generator, so a run is a pure function
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 
+from kmim.contract.codebook import Assigner, normalize_rows
 
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None) -> np.ndarray:
+__all__ = [  # Assigner: the one nearest-center search (kmim/contract/codebook.py), re-exported here
+    "Assigner",
+    "accumulate",
+    "kmeans_plus_plus",
+    "largest_remainder",
+    "lloyd_update",
+    "minibatch_update",
+    "split_largest",
+]
+
+
+def kmeans_plus_plus(
+    x: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None
+) -> np.ndarray:
     """k-means++ (Arthur & Vassilvitskii 2007) on points x [n, D], optionally weighted: D² sampling."""
     n = len(x)
     w = np.ones(n) if weights is None else weights.astype(np.float64)
@@ -31,25 +44,6 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator, weights: n
         new = torch.clamp(sq - 2 * x64 @ x64[idx] + sq[idx], min=0).double().numpy()
         np.minimum(d2, new, out=d2)
     return x[chosen].astype(np.float32)
-
-
-class Assigner:
-    """Nearest center by exact L2 search in faiss (a GPU index when asked for and available)."""
-
-    def __init__(self, centers: np.ndarray, use_gpu: bool = False):
-        k, dim = centers.shape
-        self.k = k
-        index = faiss.IndexFlatL2(dim)
-        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            self._res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._res, 0, index)
-        index.add(np.ascontiguousarray(centers, dtype=np.float32))
-        self.index = index
-
-    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(squared distance [n] float32, label [n] int64)."""
-        d2, labels = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        return np.maximum(d2[:, 0], 0), labels[:, 0]
 
 
 def accumulate(x: np.ndarray, labels: np.ndarray, k: int, sums: torch.Tensor, counts: np.ndarray) -> None:
@@ -74,20 +68,22 @@ def split_largest(centers: np.ndarray, counts: np.ndarray, empty: list[int], rng
     return len(empty)
 
 
-def lloyd_update(sums: np.ndarray, counts: np.ndarray, old: np.ndarray, rng: np.random.Generator,
-                 spherical: bool) -> tuple[np.ndarray, int]:
+def lloyd_update(
+    sums: np.ndarray, counts: np.ndarray, old: np.ndarray, rng: np.random.Generator, spherical: bool
+) -> tuple[np.ndarray, int]:
     """New centers = mean of their points; empty ones re-seeded. Returns (centers, re-seeds)."""
     centers = old.copy()
     nonempty = counts > 0
     centers[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
     reseeds = split_largest(centers, counts, [int(j) for j in np.flatnonzero(~nonempty)], rng)
     if spherical:
-        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+        centers = normalize_rows(centers)
     return centers, reseeds
 
 
-def minibatch_update(centers: np.ndarray, seen: np.ndarray, batch_sums: np.ndarray, batch_counts: np.ndarray,
-                     spherical: bool) -> None:
+def minibatch_update(
+    centers: np.ndarray, seen: np.ndarray, batch_sums: np.ndarray, batch_counts: np.ndarray, spherical: bool
+) -> None:
     """Sculley (2010) in batch form: each center moves toward its batch mean with rate m / (seen + m)."""
     hit = batch_counts > 0
     seen[hit] += batch_counts[hit]
@@ -95,7 +91,7 @@ def minibatch_update(centers: np.ndarray, seen: np.ndarray, batch_sums: np.ndarr
     means = batch_sums[hit] / batch_counts[hit, None]
     centers[hit] = ((1 - rate) * centers[hit] + rate * means).astype(np.float32)
     if spherical:
-        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+        centers[:] = normalize_rows(centers)  # in place: the caller's array is the state
 
 
 def largest_remainder(total: int, weights: list[int]) -> list[int]:

@@ -62,7 +62,9 @@ def worker_count(resources: dict, cpus_per_worker: float, gpus_per_worker: float
         if fit == 0:
             from kmim.errors import ConfigError
 
-            raise ConfigError(f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has {resources.get('GPU', 0)} GPUs")
+            raise ConfigError(
+                f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has {resources.get('GPU', 0)} GPUs"
+            )
     else:
         fit = int(resources.get("CPU", 1) // max(cpus_per_worker, 1e-9))
     return max(1, min(fit, num_tasks))

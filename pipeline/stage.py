@@ -3,19 +3,28 @@
 An output folder belongs to one stage fingerprint (inputs + config + version), recorded in
 `_stage.json` when the stage starts. Per shard, the worker commits its output file and then
 `<shard>_stats.json`; the driver writes `manifest.json` after every shard is committed.
+
+`run_shard_stage` is that driver for every shard-at-a-time stage (extract, tokenize): claim the output,
+run the uncommitted shards on Ray with retries (pipeline/executor.py), then finish the manifest. A stage
+supplies a `ShardStage`: its config, inputs, worker class and what it adds to the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kmim import fs
+from kmim.contract.config import fingerprint_config
 from kmim.contract.manifest import InputRef, StageManifest
 from kmim.data.reader import ShardRef
 from kmim.errors import InputError, KmimError
+from kmim.lock import Lock, take_lock
+from kmim.pipeline.executor import ShardStats, StageRun, run_shards, stats_name
+from kmim.pipeline.ray_runtime import ray_session, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +41,17 @@ class StageOutput:
     stage: str
     manifest: StageManifest  # not yet written unless `finished`
     finished: bool = False
+    lock: Lock | None = None  # held while this process writes the folder (kmim/lock.py)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def stats_url(self, shard_name: str) -> str:
-        return fs.join(self.url, f"{shard_name}_stats.json")
+        return fs.join(self.url, stats_name(shard_name))
 
-    def committed(self, shard: ShardRef) -> dict | None:
+    def committed(self, shard: ShardRef) -> ShardStats | None:
         """The shard's stats if it was committed by a run with this fingerprint."""
         url = self.stats_url(shard.name)
         if not fs.exists(url):
@@ -46,7 +61,7 @@ class StageOutput:
             return None
         if not fs.exists(fs.join(self.url, stats["output"]["url"])):
             return None
-        return stats
+        return ShardStats.from_json(stats)
 
 
 @dataclass
@@ -55,54 +70,77 @@ class StageResult:
     ran: bool  # False when the output was already complete and nothing was done
 
 
-def claim_output(url: str, stage: str, config: dict, inputs: list[InputRef]) -> StageOutput:
-    """Open `url` for this stage run: finished (same fingerprint), resumable, or refused (different)."""
-    manifest = StageManifest.build(stage, config, inputs)
+def claim_output(
+    url: str, stage: str, config: Any, inputs: list[InputRef], derived: dict | None = None
+) -> StageOutput:
+    """Open `url` for this stage run: finished (same fingerprint), resumable, or refused (different).
+
+    The fingerprinted config is `fingerprint_config(config)` (the one rule `kmim run` uses too), plus what
+    the stage derives from its inputs (`derived`: tokenize's codebook identity)."""
+    manifest = StageManifest.build(stage, {**fingerprint_config(config), **(derived or {})}, inputs)
     existing = StageManifest.read_if_committed(url)
     if existing is not None:
         if existing.fingerprint == manifest.fingerprint:
             return StageOutput(url, stage, existing, finished=True)
-        raise InputError(url, f"already holds a finished {existing.stage} run with other inputs or config "
-                              f"(fingerprint {existing.fingerprint[:12]} vs {manifest.fingerprint[:12]}); use another output")
+        raise InputError(
+            url,
+            f"already holds a finished {existing.stage} run with other inputs or config "
+            f"(fingerprint {existing.fingerprint[:12]} vs {manifest.fingerprint[:12]}); use another output",
+        )
+    lock = take_lock(url, f"kmim pipeline {stage}")  # a second writer is refused here, naming the first
     claim_url = fs.join(url, STAGE_CLAIM)
     if fs.exists(claim_url):
         claim = fs.read_json(claim_url)
         if claim.get("fingerprint") != manifest.fingerprint:
-            raise InputError(url, f"holds an unfinished {claim.get('stage')} run with other inputs or config "
-                                  f"(fingerprint {str(claim.get('fingerprint'))[:12]}); use another output or delete it")
+            lock.release()
+            raise InputError(
+                url,
+                f"holds an unfinished {claim.get('stage')} run with other inputs or config "
+                f"(fingerprint {str(claim.get('fingerprint'))[:12]}); use another output or delete it",
+            )
         log.info("%s: resuming the unfinished run in %s", stage, url)
     else:
-        fs.makedirs(url)
-        fs.write_json_atomic(claim_url, {"stage": stage, "fingerprint": manifest.fingerprint, "config": config})
+        fs.write_json_atomic(
+            claim_url, {"stage": stage, "fingerprint": manifest.fingerprint, "config": manifest.config}
+        )
     removed = fs.remove_stale_temporaries(url)
     if removed:
         log.info("%s: removed %d partial files left by a killed run", stage, removed)
-    return StageOutput(url, stage, manifest)
+    return StageOutput(url, stage, manifest, lock=lock)
 
 
-def sum_seconds(stats: list[dict]) -> dict[str, float]:
+def sum_seconds(stats: list[ShardStats]) -> dict[str, float]:
     total: dict[str, float] = {}
     for s in stats:
-        for k, v in s.get("seconds", {}).items():
+        for k, v in s.seconds.items():
             total[k] = round(total.get(k, 0.0) + v, 3)
     return total
 
 
-def finish_stage(out: StageOutput, shards: list[ShardRef], shard_stats: dict[str, dict], failed: dict[str, str],
-                 extra_stats: dict[str, Any], wall_seconds: float) -> StageManifest:
+def finish_stage(
+    out: StageOutput,
+    shards: list[ShardRef],
+    shard_stats: dict[str, ShardStats],
+    failed: dict[str, str],
+    extra_stats: dict[str, Any],
+    wall_seconds: float,
+) -> StageManifest:
     """Write the manifest if every shard is committed; otherwise raise StageFailed listing the failures."""
     if failed:
         lines = "; ".join(f"{name}: {err}" for name, err in sorted(failed.items()))
         fs.write_json_atomic(fs.join(out.url, "_failures.json"), failed)
-        raise StageFailed(f"{out.stage}: {len(failed)} of {len(shards)} shards failed after retries ({lines}); "
-                          f"rerun the same command to retry them")
+        out.release()
+        raise StageFailed(
+            f"{out.stage}: {len(failed)} of {len(shards)} shards failed after retries ({lines}); "
+            f"rerun the same command to retry them"
+        )
     ordered = [shard_stats[s.name] for s in shards]
-    skipped = [item for s in ordered for item in s.get("skipped", [])]
+    skipped = [item for s in ordered for item in s.skipped]
     m = out.manifest
-    m.outputs = [{"shard": s["shard"], **s["output"]} for s in ordered]
+    m.outputs = [{"shard": s.shard, **(s.output or {})} for s in ordered]
     m.stats = {
         "shards": len(ordered),
-        "samples": sum(s["samples"] for s in ordered),
+        "samples": sum(s.samples for s in ordered),
         "num_skipped": len(skipped),
         "skipped": skipped,
         "seconds": sum_seconds(ordered),
@@ -113,4 +151,68 @@ def finish_stage(out: StageOutput, shards: list[ShardRef], shard_stats: dict[str
     if fs.exists(fs.join(out.url, "_failures.json")):  # failures of an earlier attempt, now retried
         fs.remove(fs.join(out.url, "_failures.json"))
     m.write(out.url)
+    out.release()
     return m
+
+
+# --- the shard-at-a-time stage template ------------------------------------------------------------
+
+
+@dataclass
+class ShardStage:
+    """What one shard-at-a-time stage gives `run_shard_stage`.
+
+    `config` is the stage's config dataclass: `claim_output` fingerprints it (with `derived`, the values the
+    stage derives from its inputs), and its `cpus_per_worker`, `gpus_per_worker` and `max_retries` place and
+    retry the workers. `worker_args(fingerprint)` are the arguments of `worker.setup`. `summarize(run)` runs
+    once every shard is committed: it may write the stage's own files and returns the manifest's extra stats.
+    """
+
+    stage: str
+    config: Any
+    shards: list[ShardRef]
+    worker: type  # a ShardWorker subclass (pipeline/executor.py)
+    worker_args: Callable[[str], tuple[Any, ...]]
+    saved_config: dict  # written as config.json
+    summarize: Callable[[StageRun], dict[str, Any]]
+    derived: dict | None = None
+    use_actors: bool = True
+    committed: Callable[[StageOutput, ShardRef], ShardStats | None] = field(default=StageOutput.committed)
+
+
+def run_shard_stage(spec: ShardStage, output: str, address: str | None = None) -> StageResult:
+    """Run (or resume) a shard-at-a-time stage; an already complete output is returned as it is."""
+    c = spec.config
+    out = claim_output(output, spec.stage, c, [s.input_ref() for s in spec.shards], derived=spec.derived)
+    if out.finished:
+        log.info(
+            "%s: %s is already complete (%d shards); nothing to do",
+            spec.stage,
+            output,
+            len(out.manifest.outputs),
+        )
+        return StageResult(out.manifest, ran=False)
+    try:
+        fs.write_json_atomic(fs.join(output, "config.json"), spec.saved_config)
+        start = time.monotonic()
+        with ray_session(address) as resources:
+            run = run_shards(
+                spec.stage,
+                spec.shards,
+                spec.worker,
+                spec.worker_args(out.manifest.fingerprint),
+                committed=lambda shard: spec.committed(out, shard),
+                num_workers=worker_count(resources, c.cpus_per_worker, c.gpus_per_worker, len(spec.shards)),
+                max_retries=c.max_retries,
+                use_actors=spec.use_actors,
+                ray_options={"num_cpus": c.cpus_per_worker, "num_gpus": c.gpus_per_worker},
+            )
+        if run.reused:
+            log.info("%s: %d shards were already committed by an earlier run", spec.stage, len(run.reused))
+        if run.failed:  # raises StageFailed, naming them; committed shards stay for the rerun
+            finish_stage(out, spec.shards, run.all_stats, run.failed, {}, time.monotonic() - start)
+        extra = spec.summarize(run)
+        manifest = finish_stage(out, spec.shards, run.all_stats, {}, extra, time.monotonic() - start)
+    finally:
+        out.release()  # finish_stage released it already unless something raised on the way
+    return StageResult(manifest, ran=True)

@@ -13,51 +13,39 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from kmim import fs
+from kmim.contract.codebook import Codebook
 from kmim.contract.manifest import digest
 from kmim.contract.patches import grid_size
-from kmim.contract.schemas import FORMAT_VERSION, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardEntry, token_dtype
+from kmim.contract.schemas import (
+    FORMAT_VERSION,
+    LABEL_MEMBER,
+    TOKENS_MEMBER,
+    VIEWS_MEMBER,
+    ShardEntry,
+    token_dtype,
+)
 from kmim.contract.views import apply_view, make_views, to_uint8_array
 from kmim.data.reader import Dataset, ReadStats, ShardRef, iter_images, open_dataset
 from kmim.data.tar import write_tar_shard
 from kmim.data.writer import write_indexes
-from kmim.errors import ConfigError, InputError
+from kmim.errors import InputError
 from kmim.extractors import ExtractorSpec
-from kmim.pipeline.executor import ShardWorker, run_shards
+from kmim.pipeline.configs import TokenizeConfig
+from kmim.pipeline.executor import ShardStats, ShardWorker, StageRun, run_shards
 from kmim.pipeline.ray_runtime import ray_session, worker_count
-from kmim.pipeline.stage import StageResult, claim_output, finish_stage
-from kmim.tcas import FORMS, tcas, usage
-from kmim.tokenizer import Tokenizer, codebook_extractor, load_codebook
+from kmim.pipeline.stage import ShardStage, StageOutput, StageResult, run_shard_stage
+from kmim.tcas import tcas, usage
+from kmim.tokenizer import Tokenizer, codebook_extractor
 
 log = logging.getLogger(__name__)
 
 REPORT = "report.json"
-
-
-@dataclass(frozen=True)
-class TokenizeConfig:
-    views: int = 2
-    seed: int = 0
-    tcas_form: str = "C"
-    # execution only (not fingerprinted)
-    weights: str | None = None
-    batch_size: int = 64
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_retries: int = 2
-
-    def __post_init__(self) -> None:
-        if self.views < 1:
-            raise ConfigError(f"views must be >= 1, got {self.views}")
-        if self.tcas_form not in FORMS:
-            raise ConfigError(f"tcas_form must be one of {FORMS}, got {self.tcas_form!r}")
-        if self.batch_size < 1 or self.max_retries < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("batch_size >= 1, max_retries >= 0, gpus_per_worker >= 0, cpus_per_worker > 0 required")
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -79,14 +67,13 @@ class TokenizeWorker(ShardWorker):
         import faiss
 
         faiss.omp_set_num_threads(max(1, int(self.config.cpus_per_worker)))
-        centers, meta = load_codebook(codebook)
         device = "cuda" if self.config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.tokenizer = Tokenizer(centers, meta, ExtractorSpec.from_json(spec), device)
+        self.tokenizer = Tokenizer(Codebook.load(codebook), ExtractorSpec.from_json(spec), device)
         self.grid = grid_size(self.tokenizer.view_spec.image_size, self.tokenizer.patch_size)
         self.dtype = token_dtype(self.tokenizer.k)
         self.out_url, self.fingerprint = out_url, fingerprint
 
-    def process_shard(self, shard: ShardRef) -> dict:
+    def process_shard(self, shard: ShardRef) -> ShardStats:
         c, tok = self.config, self.tokenizer
         seconds = dict.fromkeys(("read", "decode", "compute", "write"), 0.0)
         stats = ReadStats()
@@ -101,7 +88,11 @@ class TokenizeWorker(ShardWorker):
             t1 = time.perf_counter()
             seconds["compute"] += t1 - t0
             for i, (sample, params, size, _) in enumerate(pending):
-                grid = ids[i * c.views : (i + 1) * c.views].reshape(c.views, self.grid, self.grid).astype(self.dtype)
+                grid = (
+                    ids[i * c.views : (i + 1) * c.views]
+                    .reshape(c.views, self.grid, self.grid)
+                    .astype(self.dtype)
+                )
                 view0 = np.bincount(grid[0].ravel().astype(np.int64), minlength=tok.k)
                 codes[:] += view0
                 if sample.label is not None:
@@ -111,8 +102,14 @@ class TokenizeWorker(ShardWorker):
                     if sample.label is not None:
                         members[LABEL_MEMBER] = str(sample.label).encode()
                     members[TOKENS_MEMBER] = encode_npy(grid)
-                    members[VIEWS_MEMBER] = json.dumps({"width": size[0], "height": size[1], "seed": c.seed,
-                                                        "views": [p.to_json() for p in params]}).encode()
+                    members[VIEWS_MEMBER] = json.dumps(
+                        {
+                            "width": size[0],
+                            "height": size[1],
+                            "seed": c.seed,
+                            "views": [p.to_json() for p in params],
+                        }
+                    ).encode()
                     sink.write(sample.key, members)
             seconds["write"] += time.perf_counter() - t1
             pending.clear()
@@ -137,24 +134,41 @@ class TokenizeWorker(ShardWorker):
             with write_tar_shard(fs.join(self.out_url, name), split=shard.split) as sink:
                 run(sink)
             entry: ShardEntry = sink.entry  # type: ignore[attr-defined]
-            output = {"url": name, "samples": entry.samples, "bytes": entry.bytes, "sha256": entry.sha256,
-                      "split": shard.split}
+            output = {
+                "url": name,
+                "samples": entry.samples,
+                "bytes": entry.bytes,
+                "sha256": entry.sha256,
+                "split": shard.split,
+            }
         classes = max(cooc) + 1 if cooc else 0
         matrix = np.zeros((tok.k, classes), dtype=np.int64)
         for label, counts in cooc.items():
             matrix[:, label] = counts
-        result = {
-            "shard": shard.name, "input": shard.url, "fingerprint": self.fingerprint,
-            "samples": stats.samples, "num_skipped": stats.num_skipped, "skipped": stats.skipped,
-            "seconds": {**{k: round(v, 4) for k, v in seconds.items()}, "total": round(time.perf_counter() - start, 4)},
-            "output": output,
-        }
+        result = ShardStats(
+            shard=shard.name,
+            input=shard.url,
+            fingerprint=self.fingerprint,
+            samples=stats.samples,
+            num_skipped=stats.num_skipped,
+            skipped=stats.skipped,
+            seconds={
+                **{k: round(v, 4) for k, v in seconds.items()},
+                "total": round(time.perf_counter() - start, 4),
+            },
+            output=output,
+        )
         if self.out_url is None:
-            return {**result, "cooc": matrix, "codes": codes}
+            result.arrays = {"cooc": matrix, "codes": codes}
+            return result
         # The counts go next to the stats, so a resumed run can still report TCAS over every shard.
-        fs.write_bytes_atomic(fs.join(self.out_url, f"{shard.name}_counts.npz"), _npz(cooc=matrix, codes=codes))
-        fs.write_json_atomic(fs.join(self.out_url, f"{shard.name}_stats.json"), result)
+        fs.write_bytes_atomic(fs.join(self.out_url, _counts_name(shard.name)), _npz(cooc=matrix, codes=codes))
+        result.commit(self.out_url)
         return result
+
+
+def _counts_name(shard_name: str) -> str:
+    return f"{shard_name}_counts.npz"
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -179,9 +193,14 @@ def reduce_counts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[n
     return cooc, codes
 
 
-def build_report(cooc: np.ndarray, codes: np.ndarray, meta: dict, form: str, samples: int) -> dict:
-    report = {"format_version": FORMAT_VERSION, "samples": samples, "view": 0, "usage": usage(codes),
-              "codebook": {"k": meta["k"], "extractor": meta["extractor"]["name"], "init": meta.get("init")}}
+def build_report(cooc: np.ndarray, codes: np.ndarray, codebook: Codebook, form: str, samples: int) -> dict:
+    report = {
+        "format_version": FORMAT_VERSION,
+        "samples": samples,
+        "view": 0,
+        "usage": usage(codes),
+        "codebook": {"k": codebook.k, "extractor": codebook.extractor["name"], "init": codebook.init},
+    }
     if cooc.shape[1] == 0 or cooc.sum() == 0:
         report["tcas"] = None
         report["tcas_note"] = "no labels in the data: TCAS needs class labels"
@@ -190,74 +209,114 @@ def build_report(cooc: np.ndarray, codes: np.ndarray, meta: dict, form: str, sam
     return report
 
 
-def _prepare(input: str, codebook: str, weights: str | None) -> tuple[Dataset, dict, ExtractorSpec]:
+def _prepare(input: str, codebook: str, weights: str | None) -> tuple[Dataset, Codebook, ExtractorSpec]:
     dataset = open_dataset(input)
-    _, meta = load_codebook(codebook)
-    spec = codebook_extractor(meta, weights, codebook)
-    return dataset, meta, spec
+    book = Codebook.load(codebook)
+    spec = codebook_extractor(book.meta, weights, codebook)
+    return dataset, book, spec
 
 
-def tokenize(input: str, output: str, codebook: str, config: TokenizeConfig = TokenizeConfig(),
-             address: str | None = None) -> StageResult:
+def tokenize(
+    input: str,
+    output: str,
+    codebook: str,
+    config: TokenizeConfig = TokenizeConfig(),
+    address: str | None = None,
+) -> StageResult:
     """Run (or resume) the tokenize stage; an already complete output is returned as it is."""
-    dataset, meta, spec = _prepare(input, codebook, config.weights)
+    dataset, book, spec = _prepare(input, codebook, config.weights)
+    meta = book.meta
     codebook_fp = fs.read_json(fs.join(codebook, "manifest.json"))["fingerprint"]
-    stage_config = {
-        "codebook_fingerprint": codebook_fp, "k": meta["k"], "extractor": spec.to_json(),
-        "image_size": meta["view"]["image_size"], "patch_size": meta["view"]["patch_size"],
-        "crop_pct": meta["view"]["crop_pct"], "views": config.views, "seed": config.seed, "tcas_form": config.tcas_form,
+    from_codebook = {  # the fingerprint holds the codebook's identity and views, not the path to it
+        "codebook_fingerprint": codebook_fp,
+        "k": meta["k"],
+        "extractor": spec.to_json(),
+        "image_size": meta["view"]["image_size"],
+        "patch_size": meta["view"]["patch_size"],
+        "crop_pct": meta["view"]["crop_pct"],
     }
-    out = claim_output(output, "tokenize", stage_config, [s.input_ref() for s in dataset.shards])
-    if out.finished:
-        log.info("tokenize: %s is already complete; nothing to do", output)
-        return StageResult(out.manifest, ran=False)
-    fs.write_json_atomic(fs.join(output, "config.json"), {**asdict(config), "codebook": codebook})
-    start = time.monotonic()
-    with ray_session(address) as resources:
-        n = worker_count(resources, config.cpus_per_worker, config.gpus_per_worker, len(dataset.shards))
-        run = run_shards(
-            "tokenize", dataset.shards, TokenizeWorker,
-            (codebook, spec.to_json(), asdict(config), output, out.manifest.fingerprint),
-            committed=lambda s: out.committed(s) if fs.exists(fs.join(output, f"{s.name}_counts.npz")) else None,
-            num_workers=n, max_retries=config.max_retries,
-            ray_options={"num_cpus": config.cpus_per_worker, "num_gpus": config.gpus_per_worker},
+
+    def committed(out: StageOutput, shard: ShardRef) -> ShardStats | None:  # its stats and its token counts
+        return out.committed(shard) if fs.exists(fs.join(output, _counts_name(shard.name))) else None
+
+    def summarize(run: StageRun) -> dict:
+        """The TCAS report over every shard (from the counts files, so reused shards count too) and the indexes."""
+        stats = run.all_stats
+        cooc, codes = reduce_counts(
+            [_read_counts(fs.join(output, _counts_name(s.name))) for s in dataset.shards], book.k
         )
-    stats = run.all_stats
-    if run.failed:
-        finish_stage(out, dataset.shards, stats, run.failed, extra_stats={}, wall_seconds=time.monotonic() - start)
-    cooc, codes = reduce_counts([_read_counts(fs.join(output, f"{s.name}_counts.npz")) for s in dataset.shards], meta["k"])
-    report = build_report(cooc, codes, meta, config.tcas_form, sum(s["samples"] for s in stats.values()))
-    fs.write_bytes_atomic(fs.join(output, "tcas_R.npy"), encode_npy(cooc))
-    fs.write_json_atomic(fs.join(output, REPORT), report)
-    outputs = [stats[s.name]["output"] for s in dataset.shards]
-    write_indexes(output, [ShardEntry(url=o["url"], samples=o["samples"], bytes=o["bytes"], sha256=o["sha256"],
-                                      split=o.get("split")) for o in outputs])
-    manifest = finish_stage(out, dataset.shards, stats, run.failed, wall_seconds=time.monotonic() - start, extra_stats={
-        "shards_reused": len(run.reused), "shards_run": len(run.done), "retries": run.retries,
-        "k": meta["k"], "views": config.views,
-        "tcas": report["tcas"]["tcas"] if report.get("tcas") else None, "usage": report["usage"],
-    })
-    return StageResult(manifest, ran=True)
+        report = build_report(cooc, codes, book, config.tcas_form, sum(s.samples for s in stats.values()))
+        fs.write_bytes_atomic(fs.join(output, "tcas_R.npy"), encode_npy(cooc))
+        fs.write_json_atomic(fs.join(output, REPORT), report)
+        outputs = [stats[s.name].output for s in dataset.shards]
+        write_indexes(
+            output,
+            [
+                ShardEntry(
+                    url=o["url"],
+                    samples=o["samples"],
+                    bytes=o["bytes"],
+                    sha256=o["sha256"],
+                    split=o.get("split"),
+                )
+                for o in outputs
+            ],
+        )
+        return {
+            **run.counts(),
+            "k": book.k,
+            "views": config.views,
+            "tcas": report["tcas"]["tcas"] if report.get("tcas") else None,
+            "usage": report["usage"],
+        }
+
+    return run_shard_stage(
+        ShardStage(
+            "tokenize",
+            config,
+            dataset.shards,
+            TokenizeWorker,
+            worker_args=lambda fingerprint: (codebook, spec.to_json(), asdict(config), output, fingerprint),
+            saved_config={**asdict(config), "codebook": codebook},
+            summarize=summarize,
+            derived=from_codebook,
+            committed=committed,
+        ),
+        output,
+        address,
+    )
 
 
-def tcas_report(input: str, codebook: str, weights: str | None = None, form: str = "C",
-                address: str | None = None, batch_size: int = 64) -> dict:
+def tcas_report(
+    input: str,
+    codebook: str,
+    weights: str | None = None,
+    form: str = "C",
+    address: str | None = None,
+    batch_size: int = 64,
+) -> dict:
     """The tokenize stage's TCAS report for any codebook on a labelled dataset, writing no shards."""
-    dataset, meta, spec = _prepare(input, codebook, weights)
+    dataset, book, spec = _prepare(input, codebook, weights)
     config = TokenizeConfig(views=1, tcas_form=form, weights=weights, batch_size=batch_size)
     with ray_session(address) as resources:
-        run = run_shards("tcas", dataset.shards, TokenizeWorker,
-                         (codebook, spec.to_json(), asdict(config), None, digest(spec.to_json())),
-                         committed=lambda s: None, num_workers=worker_count(resources, 1, 0, len(dataset.shards)),
-                         ray_options={"num_cpus": 1}, max_retries=config.max_retries)
+        run = run_shards(
+            "tcas",
+            dataset.shards,
+            TokenizeWorker,
+            (codebook, spec.to_json(), asdict(config), None, digest(spec.to_json())),
+            committed=lambda s: None,
+            num_workers=worker_count(resources, 1, 0, len(dataset.shards)),
+            ray_options={"num_cpus": 1},
+            max_retries=config.max_retries,
+        )
     if run.failed:
         raise InputError(input, "; ".join(f"{k}: {v}" for k, v in sorted(run.failed.items())))
     stats = [run.done[s.name] for s in dataset.shards]
-    cooc, codes = reduce_counts([(s["cooc"], s["codes"]) for s in stats], meta["k"])
+    cooc, codes = reduce_counts([(s.arrays["cooc"], s.arrays["codes"]) for s in stats], book.k)
     if cooc.sum() == 0:
         raise InputError(input, "has no labels: TCAS needs class labels (.cls members or class folders)")
-    report = build_report(cooc, codes, meta, form, sum(s["samples"] for s in stats))
-    report["skipped"] = [item for s in stats for item in s["skipped"]]
+    report = build_report(cooc, codes, book, form, sum(s.samples for s in stats))
+    report["skipped"] = [item for s in stats for item in s.skipped]
     return report
 
 
@@ -266,6 +325,8 @@ def summary_line(result: StageResult, output: str) -> str:
     if not result.ran:
         return f"tokenize: {output} is already complete ({s['samples']} images); nothing to do"
     tcas_text = f"TCAS {s['tcas']:.4f}" if s.get("tcas") is not None else "no labels, no TCAS"
-    return (f"tokenize: {s['samples']} images x {s['views']} views -> {s['shards']} token shards at {output}; "
-            f"{tcas_text}; {s['usage']['used_codes']}/{s['k']} codes used (perplexity {s['usage']['perplexity']:.1f}); "
-            f"{s['num_skipped']} skipped; {s['shards_reused']} shards reused; {s['wall_seconds']:.1f}s")
+    return (
+        f"tokenize: {s['samples']} images x {s['views']} views -> {s['shards']} token shards at {output}; "
+        f"{tcas_text}; {s['usage']['used_codes']}/{s['k']} codes used (perplexity {s['usage']['perplexity']:.1f}); "
+        f"{s['num_skipped']} skipped; {s['shards_reused']} shards reused; {s['wall_seconds']:.1f}s"
+    )

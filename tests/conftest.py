@@ -52,8 +52,11 @@ def digits_tokens(digits_dir, ray_local, tmp_path_factory):
     from kmim.pipeline.tokenize import TokenizeConfig, tokenize
 
     root = tmp_path_factory.mktemp("digits_tokens")
-    extract(str(digits_dir / "train.shards.json"), str(root / "features"),
-            ExtractConfig(image_size=32, patch_size=4, patches_per_image=16, dtype="float32"))
+    extract(
+        str(digits_dir / "train.shards.json"),
+        str(root / "features"),
+        ExtractConfig(image_size=32, patch_size=4, patches_per_image=16, dtype="float32"),
+    )
     cluster(str(root / "features"), str(root / "codebook"), ClusterConfig(k=16, epochs=3))
     tokenize(str(digits_dir), str(root / "tokens"), str(root / "codebook"), TokenizeConfig(views=2))
     return root

@@ -55,8 +55,10 @@ def _head_pids(temp_dir: str, token: str) -> list[int]:
         if not proc.name.isdigit() or int(proc.name) in skip:
             continue
         try:
-            if temp_dir.encode() in (proc / "cmdline").read_bytes() or \
-                    f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes():
+            if (
+                temp_dir.encode() in (proc / "cmdline").read_bytes()
+                or f"RAY_AUTH_TOKEN={token}".encode() in (proc / "environ").read_bytes()
+            ):
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -86,24 +88,43 @@ def head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         PATH=bindir + os.pathsep + env.get("PATH", ""),  # the jobs' `kmim` is this venv's
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",  # no per-job uv venv: the head runs in this venv
         # `ray start` swaps --node-ip-address=127.0.0.1 for the machine's routable address unless
         # clusters are off; with this, every Ray process binds to and advertises 127.0.0.1.
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        AUTOSCALER_METRIC_PORT=str(_free_port()), DASHBOARD_METRIC_PORT=str(_free_port()),
+        AUTOSCALER_METRIC_PORT=str(_free_port()),
+        DASHBOARD_METRIC_PORT=str(_free_port()),
         RAY_USAGE_STATS_ENABLED="0",
     )
-    cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           f"--port={_free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-           f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}", "--object-store-memory=200000000", "--disable-usage-stats"]
+    cmd = [
+        os.path.join(bindir, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+    ]
     log_path = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
     with open(log_path, "w") as log_file:
-        popen = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
@@ -111,13 +132,19 @@ def head(tmp_path_factory):
             if popen.poll() is not None:
                 pytest.fail(f"ray start exited with {popen.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if requests.get(f"{address}/api/version", timeout=2,
-                                headers={"Authorization": f"Bearer {token}"}).status_code == 200:
+                if (
+                    requests.get(
+                        f"{address}/api/version", timeout=2, headers={"Authorization": f"Bearer {token}"}
+                    ).status_code
+                    == 200
+                ):
                     break
             except requests.exceptions.RequestException:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the job server did not answer within {HEAD_START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(
+                    f"the job server did not answer within {HEAD_START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield {"address": address, "token": token, "temp_dir": temp_dir}
     finally:
@@ -144,9 +171,23 @@ def without_token(monkeypatch, tmp_path):
 
 def test_submit_follow_runs_a_pipeline_stage_on_the_cluster(with_token, synthetic_dir, tmp_path):
     out = tmp_path / "features"
-    r = _cli("submit", "--address", with_token["address"], "--no-working-dir", "--follow", "--",
-             "kmim", "pipeline", "extract", str(synthetic_dir / "train-000000.tar"), str(out),
-             "--image-size", "32", "--patch-size", "4")
+    r = _cli(
+        "submit",
+        "--address",
+        with_token["address"],
+        "--no-working-dir",
+        "--follow",
+        "--",
+        "kmim",
+        "pipeline",
+        "extract",
+        str(synthetic_dir / "train-000000.tar"),
+        str(out),
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+    )
     assert r.exit_code == 0, r.output
     job_id = r.stdout.splitlines()[0]
     assert job_id.startswith("raysubmit_")
@@ -167,9 +208,23 @@ def test_a_failing_job_exits_non_zero_with_status_failed_and_sees_its_working_di
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "big.bin").write_bytes(b"x")
     job_id = f"kmim-test-{secrets.token_hex(4)}"
-    r = _cli("submit", "--address", with_token["address"], "--working-dir", str(tmp_path), "--env", "KMIM_T=v=1",
-             "--job-id", job_id, "--any-command", "--follow", "--",
-             "sh", "-c", 'cat recipe.yaml; ls -R; echo "env=$KMIM_T"; exit 3')
+    r = _cli(
+        "submit",
+        "--address",
+        with_token["address"],
+        "--working-dir",
+        str(tmp_path),
+        "--env",
+        "KMIM_T=v=1",
+        "--job-id",
+        job_id,
+        "--any-command",
+        "--follow",
+        "--",
+        "sh",
+        "-c",
+        'cat recipe.yaml; ls -R; echo "env=$KMIM_T"; exit 3',
+    )
     assert r.exit_code == 1, r.output
     assert r.stdout.splitlines()[0] == job_id
     assert f"job {job_id}: FAILED (Job entrypoint command failed with exit code 3" in r.output
@@ -184,8 +239,12 @@ def test_a_failing_job_exits_non_zero_with_status_failed_and_sees_its_working_di
 def test_the_cluster_refuses_clients_without_the_token(head, without_token, tmp_path):
     # Ray itself enforces it on the Jobs API: 401 without a token, 403 with a wrong one.
     assert requests.get(f"{head['address']}/api/jobs/", timeout=10).status_code == 401
-    assert requests.get(f"{head['address']}/api/jobs/", timeout=10,
-                        headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert (
+        requests.get(
+            f"{head['address']}/api/jobs/", timeout=10, headers={"Authorization": "Bearer wrong"}
+        ).status_code
+        == 403
+    )
     with pytest.raises(jobs.AuthError, match="requires a Ray auth token .* none was found"):
         jobs.connect(head["address"])
     r = _cli("submit", "--address", head["address"], "--no-working-dir", "--", "kmim", "--version")
@@ -201,7 +260,9 @@ def test_the_cluster_refuses_clients_without_the_token(head, without_token, tmp_
 
 def test_stop_ends_a_running_job(with_token):
     client = jobs.connect(with_token["address"])
-    job_id = jobs.submit(client, jobs.SubmitConfig(command=("sleep", "60"), working_dir=None, any_command=True))
+    job_id = jobs.submit(
+        client, jobs.SubmitConfig(command=("sleep", "60"), working_dir=None, any_command=True)
+    )
     deadline = time.monotonic() + 30
     while jobs.status(client, job_id).status != "RUNNING":
         assert time.monotonic() < deadline, jobs.status(client, job_id)
@@ -238,11 +299,20 @@ def test_submit_config_checks_the_command_and_builds_the_runtime_env(tmp_path):
         jobs.SubmitConfig(command=())
     with pytest.raises(ConfigError, match="--any-command"):
         jobs.SubmitConfig(command=("python", "x.py"))
-    config = jobs.SubmitConfig(command=("kmim", "run", "my recipe.yaml", "a=b&&c"), working_dir=str(tmp_path),
-                               excludes=("data/",), pip=("rich",), env_vars={"A": "1"})
+    config = jobs.SubmitConfig(
+        command=("kmim", "run", "my recipe.yaml", "a=b&&c"),
+        working_dir=str(tmp_path),
+        excludes=("data/",),
+        pip=("rich",),
+        env_vars={"A": "1"},
+    )
     assert config.entrypoint == "kmim run 'my recipe.yaml' 'a=b&&c'"
     env = config.runtime_env()
-    assert env["working_dir"] == str(tmp_path.resolve()) and env["pip"] == ["rich"] and env["env_vars"] == {"A": "1"}
+    assert (
+        env["working_dir"] == str(tmp_path.resolve())
+        and env["pip"] == ["rich"]
+        and env["env_vars"] == {"A": "1"}
+    )
     assert {".venv", ".git", "out", "runs", "__pycache__", "data/"} <= set(env["excludes"])
     assert jobs.SubmitConfig(command=("kmim", "--version"), working_dir=None).runtime_env() == {}
     assert jobs.SubmitConfig(command=("sleep", "1"), any_command=True).command == ("sleep", "1")

@@ -135,7 +135,7 @@ def find_kmim(words: list[str], source: str) -> Invocation | None:
     `torchrun [options] -m kmim ...` (torchrun's options are validated with its own parser)."""
     for i, word in enumerate(words):
         name = word.rsplit("/", 1)[-1]
-        rest = words[i + 1:]
+        rest = words[i + 1 :]
         if name == "torchrun":
             # placeholders for the launcher's own $VARIABLES, so that int options parse
             try:
@@ -175,7 +175,7 @@ def invocations() -> tuple[Invocation, ...]:
 
 
 def in_repo(arg: str) -> str:
-    return str(REPO / arg[len(IN_IMAGE):]) if arg.startswith(IN_IMAGE) else arg
+    return str(REPO / arg[len(IN_IMAGE) :]) if arg.startswith(IN_IMAGE) else arg
 
 
 def parse_run(argv: tuple[str, ...]) -> tuple[str, dict[str, str]]:
@@ -260,8 +260,10 @@ def test_gpu_pods_use_the_cuda_image_and_cpu_pods_the_cpu_image():
             for c, gpu in containers(doc):
                 kind = "cuda" if gpu else "cpu"
                 seen.add(kind)
-                assert c.get("image") == TAGS[kind], f"{path.relative_to(REPO)}: container {c.get('name')} " \
-                                                     f"({'GPU' if gpu else 'CPU'}) runs {c.get('image')}"
+                assert c.get("image") == TAGS[kind], (
+                    f"{path.relative_to(REPO)}: container {c.get('name')} "
+                    f"({'GPU' if gpu else 'CPU'}) runs {c.get('image')}"
+                )
     assert seen == {"cpu", "cuda"}
     for path in SBATCH:  # Slurm trains on GPUs
         assert {m.group(0) for m in IMAGE_REF.finditer(path.read_text())} <= {TAGS["cuda"]}
@@ -285,8 +287,10 @@ def test_ray_auth_mode_is_the_same_on_every_ray_container():
     for path in yaml_files():
         for doc in documents(path):
             if doc.get("kind") in ("RayCluster", "RayJob"):
-                modes = {next((e.get("value") for e in c.get("env") or [] if e["name"] == "RAY_AUTH_MODE"),
-                              None) for c, _ in containers(doc)}
+                modes = {
+                    next((e.get("value") for e in c.get("env") or [] if e["name"] == "RAY_AUTH_MODE"), None)
+                    for c, _ in containers(doc)
+                }
                 assert len(modes) == 1, f"{path.relative_to(REPO)}: RAY_AUTH_MODE differs between containers"
 
 
@@ -446,8 +450,13 @@ def instructions(path: Path) -> list[tuple[str, str]]:
 
 
 def uv_syncs(path: Path) -> list[str]:
-    return [part for op, args in instructions(path) if op == "RUN" for part in re.split(r"&&|;", args)
-            if re.search(r"\buv sync\b", part)]
+    return [
+        part
+        for op, args in instructions(path)
+        if op == "RUN"
+        for part in re.split(r"&&|;", args)
+        if re.search(r"\buv sync\b", part)
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
@@ -473,6 +482,7 @@ def test_dockerfile_installs_the_lock_as_non_root(kind):
 
 def test_dockerfiles_share_python_and_uv():
     """Ray refuses nodes whose Python (to the patch level) differs from the head's: both pin the same."""
+
     def args(path):
         return dict(re.findall(r"^ARG (\w+)=(\S+)$", path.read_text(), re.MULTILINE))
 
@@ -503,10 +513,17 @@ def test_cuda_dockerfile_swaps_faiss_cpu_for_faiss_gpu():
 
 
 def test_dockerignore_keeps_the_context_small_and_complete():
-    ignored = {ln.strip().rstrip("/") for ln in (REPO / ".dockerignore").read_text().splitlines()
-               if ln.strip() and not ln.startswith("#")}
+    ignored = {
+        ln.strip().rstrip("/")
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    }
     assert {".venv", ".git", "out", "runs"} <= ignored
-    copied = {src for path in DOCKERFILES.values() for op, args in instructions(path)
-              if op == "COPY" and not args.startswith("--from") for src in args.split()[:-1]}
+    copied = {
+        src
+        for path in DOCKERFILES.values()
+        for op, args in instructions(path)
+        if op == "COPY" and not args.startswith("--from")
+        for src in args.split()[:-1]
+    }
     assert copied and not copied & ignored, copied & ignored
-

@@ -81,12 +81,36 @@ def test_kmim_vs_mae_statistics():
     c = kmim_vs_mae.correlations([0.1, 0.2, 0.3, 0.4], [4.0, 3.0, 2.0, 1.0])
     assert c["pearson_r"] == -1.0 and c["spearman_rho"] == -1.0 and c["n"] == 4
     assert kmim_vs_mae.correlations([0.1, 0.2], [1.0, 2.0])["pearson_r"] is None  # too few points
-    summary = kmim_vs_mae.summarize([
-        {"variant": "a", "target": "tokens", "k": 50, "tcas": 0.5, "seed": s, "steps": 10, "knn": v, "linear": v + 10}
-        for s, v in [(0, 40.0), (1, 50.0)]])
+    summary = kmim_vs_mae.summarize(
+        [
+            {
+                "variant": "a",
+                "target": "tokens",
+                "k": 50,
+                "tcas": 0.5,
+                "seed": s,
+                "steps": 10,
+                "knn": v,
+                "linear": v + 10,
+            }
+            for s, v in [(0, 40.0), (1, 50.0)]
+        ]
+    )
     assert summary[0]["knn_mean"] == 45.0 and summary[0]["linear_std"] == round(50**0.5, 2)
-    sweep = [{"k": k, "seed": s, "tcas": 0.8 - k / 1000, "used_codes": k, "final_loss": 1.0 + s, "knn": 50.0 + s,
-              "linear": 60.0 + 2 * s, "train_s": 10.0} for k in (25, 10) for s in (0, 1, 2)]
+    sweep = [
+        {
+            "k": k,
+            "seed": s,
+            "tcas": 0.8 - k / 1000,
+            "used_codes": k,
+            "final_loss": 1.0 + s,
+            "knn": 50.0 + s,
+            "linear": 60.0 + 2 * s,
+            "train_s": 10.0,
+        }
+        for k in (25, 10)
+        for s in (0, 1, 2)
+    ]
     per_k = kmim_vs_mae.summarize_sweep(sweep)
     assert [r["k"] for r in per_k] == [10, 25] and [r["seeds"] for r in per_k] == [[0, 1, 2]] * 2
     assert per_k[0]["linear_mean"] == 62.0 and per_k[0]["linear_std"] == 2.0 and per_k[0]["final_loss"] == 2.0

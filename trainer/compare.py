@@ -27,10 +27,16 @@ def collect(run_dir: str) -> dict:
         raise InputError(run_dir, "no config.json: not a `kmim train` run folder")
     cfg = fs.read_json(config_url)
     tokens = _tokens_manifest(cfg["data"]["train"])
-    row = {"run": run_dir, "name": cfg.get("name") or fs.basename(run_dir), "recipe": cfg.get("name"), "target": cfg["model"]["target"],
-           "encoder": cfg["model"]["encoder"], "seed": cfg["seed"],
-           "k": tokens.config["k"] if tokens and cfg["model"]["target"] != "pixel" else None,
-           "tcas": tokens.stats.get("tcas") if tokens and cfg["model"]["target"] != "pixel" else None}
+    row = {
+        "run": run_dir,
+        "name": cfg.get("name") or fs.basename(run_dir),
+        "recipe": cfg.get("name"),
+        "target": cfg["model"]["target"],
+        "encoder": cfg["model"]["encoder"],
+        "seed": cfg["seed"],
+        "k": tokens.config["k"] if tokens and cfg["model"]["target"] != "pixel" else None,
+        "tcas": tokens.stats.get("tcas") if tokens and cfg["model"]["target"] != "pixel" else None,
+    }
     for protocol in PROTOCOLS:
         url = fs.join(run_dir, f"eval-{protocol}.json")
         row[protocol] = fs.read_json(url)["top1"] if fs.exists(url) else None
@@ -51,12 +57,16 @@ def markdown_table(rows: list[dict]) -> str:
     def cell(value, fmt: str = "{}") -> str:
         return "–" if value is None else fmt.format(value)
 
-    lines = ["| run | target | K | TCAS | k-NN top-1 | linear top-1 | fine-tune top-1 | final loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | target | K | TCAS | k-NN top-1 | linear top-1 | fine-tune top-1 | final loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['target']} | {cell(r['k'])} | {cell(r['tcas'], '{:.4f}')} | "
-                     f"{cell(r['knn'] and 100 * r['knn'], '{:.2f} %')} | {cell(r['linear'] and 100 * r['linear'], '{:.2f} %')} | "
-                     f"{cell(r['finetune'] and 100 * r['finetune'], '{:.2f} %')} | {cell(r['final_loss'], '{:.4f}')} |")
+        lines.append(
+            f"| {r['name']} | {r['target']} | {cell(r['k'])} | {cell(r['tcas'], '{:.4f}')} | "
+            f"{cell(r['knn'] and 100 * r['knn'], '{:.2f} %')} | {cell(r['linear'] and 100 * r['linear'], '{:.2f} %')} | "
+            f"{cell(r['finetune'] and 100 * r['finetune'], '{:.2f} %')} | {cell(r['final_loss'], '{:.4f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -78,8 +88,15 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(PROTOCOLS)
     for i, protocol in enumerate(PROTOCOLS):
-        ax.bar([j + i * width for j in range(len(rows))], [100 * (r[protocol] or 0) for r in rows], width, label=protocol)
-    ax.set_xticks([j + width for j in range(len(rows))], [r["name"] for r in rows], rotation=30, ha="right", fontsize=7)
+        ax.bar(
+            [j + i * width for j in range(len(rows))],
+            [100 * (r[protocol] or 0) for r in rows],
+            width,
+            label=protocol,
+        )
+    ax.set_xticks(
+        [j + width for j in range(len(rows))], [r["name"] for r in rows], rotation=30, ha="right", fontsize=7
+    )
     ax.set(ylabel="top-1 (%)", title="Accuracy")
     ax.legend()
     written.append(_save(fig, fs.join(out_dir, "accuracy.png")))
@@ -103,5 +120,7 @@ def compare(run_dirs: list[str], out_dir: str) -> tuple[str, list[str]]:
     rows = [collect(r) for r in run_dirs]
     table = markdown_table(rows)
     fs.write_bytes_atomic(fs.join(out_dir, "compare.md"), (table + "\n").encode())
-    fs.write_json_atomic(fs.join(out_dir, "compare.json"), [{k: v for k, v in r.items() if k != "loss_curve"} for r in rows])
+    fs.write_json_atomic(
+        fs.join(out_dir, "compare.json"), [{k: v for k, v in r.items() if k != "loss_curve"} for r in rows]
+    )
     return table, plot(rows, out_dir)

@@ -10,6 +10,7 @@ patches the encoder sees. Worker processes decode.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim import fs
+from kmim.contract import streams
 from kmim.contract.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from kmim.contract.manifest import StageManifest
 from kmim.contract.schemas import INDEX_NAME, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardIndex
@@ -34,6 +36,7 @@ class TrainShards:
     urls: list[str]
     samples: int
     manifest: StageManifest | None  # the tokenize manifest, when these are token shards
+    sha256: tuple[str | None, ...] = ()  # per url, from shards.json: checked as each shard is read through
 
     @property
     def has_tokens(self) -> bool:
@@ -50,26 +53,78 @@ def open_train_shards(spec: str) -> TrainShards:
     urls = [e.url if "://" in e.url or e.url.startswith("/") else fs.join(root, e.url) for e in index.shards]
     if not urls or index.total_samples == 0:
         raise InputError(spec, "empty dataset: no samples in the index")
-    return TrainShards(urls, index.total_samples, StageManifest.read_if_committed(root))
+    return TrainShards(
+        urls,
+        index.total_samples,
+        StageManifest.read_if_committed(root),
+        tuple(e.sha256 for e in index.shards),
+    )
 
 
-def _fsspec_streams(urls: list[str]) -> Iterator[dict]:
+class _HashingReader(io.RawIOBase):
+    """Reads through to the wrapped stream, hashing every byte."""
+
+    def __init__(self, stream):  # noqa: ANN001
+        self.stream, self.hash = stream, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.hash.update(data)
+        return data
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+def _fsspec_streams(urls: list[str], sha256: dict[str, str | None]) -> Iterator[dict]:
     for url in urls:
         filesystem, path = fs.get_fs(url)
         with filesystem.open(path, "rb") as stream:
-            yield {"url": url, "stream": stream}
+            reader = _HashingReader(stream)
+            yield {"url": url, "stream": reader}
+            # Read through: a shard whose bytes changed since it was indexed is an error naming it.
+            expected = sha256.get(url)
+            if expected and reader.drain() != expected:
+                raise InputError(
+                    url,
+                    "bytes do not match the sha256 in shards.json (changed or corrupted since it "
+                    "was indexed); run `kmim verify` on the dataset",
+                )
 
 
 def choose_view(seed: int, epoch: int, key: str, num_views: int) -> int:
-    return int(np.random.default_rng([seed, 7, epoch, key_hash(key)]).integers(num_views))
+    return int(streams.rng("view_choice", seed, epoch, key_hash(key)).integers(num_views))
 
 
 class TrainStream(IterableDataset):
     """Yields (uint8 view [S, S, 3], tokens [L] int64 or -1s, label or -1) for one rank and epoch."""
 
-    def __init__(self, shards: TrainShards, rank: int, world: int, batch_size: int, steps: int, image_size: int,
-                 seed: int, shuffle_buffer: int, need_tokens: bool):
+    def __init__(
+        self,
+        shards: TrainShards,
+        rank: int,
+        world: int,
+        batch_size: int,
+        steps: int,
+        image_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        need_tokens: bool,
+        num_tokens: int | None = None,
+        grid: int | None = None,
+    ):
         self.shards, self.rank, self.world = shards, rank, world
+        self.num_tokens, self.grid = num_tokens, grid  # K and patches per side: every sample is checked
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.view_spec = ViewSpec(image_size)
         self.shuffle_buffer, self.need_tokens = shuffle_buffer, need_tokens
@@ -92,12 +147,19 @@ class TrainStream(IterableDataset):
 
     def _raw(self, worker: int, workers: int) -> Iterator[dict]:
         n = len(self.shards.urls)
-        order = np.random.default_rng([self.seed, 11, self.epoch]).permutation(n).tolist()
+        order = streams.rng("shard_order", self.seed, self.epoch).permutation(n).tolist()
         mine = shards_for(n, self.rank, self.world, worker, workers, order)
         cycle = 0
         while True:  # cycle through this worker's shards until the quota is met
-            urls = [self.shards.urls[i] for i in np.random.default_rng([self.seed, 13, self.epoch, cycle, worker, self.rank]).permutation(mine)]
-            files = wds.tariterators.tar_file_expander(_fsspec_streams(urls))
+            urls = [
+                self.shards.urls[i]
+                for i in streams.rng(
+                    "shard_cycle", self.seed, self.epoch, cycle, worker, self.rank
+                ).permutation(mine)
+            ]
+            files = wds.tariterators.tar_file_expander(
+                _fsspec_streams(urls, dict(zip(self.shards.urls, self.shards.sha256)))
+            )
             yield from wds.tariterators.group_by_keys(files)
             cycle += 1
 
@@ -112,7 +174,7 @@ class TrainStream(IterableDataset):
         quota = (batches - skip) * self.batch_size
         if quota <= 0:
             return
-        rng = np.random.default_rng([self.seed, 17, self.epoch, self.rank, worker])
+        rng = streams.rng("shuffle_buffer", self.seed, self.epoch, self.rank, worker)
         capacity = max(1, min(self.shuffle_buffer, batches * self.batch_size))
         to_skip = skip * self.batch_size
         buffer: list[dict] = []
@@ -132,6 +194,19 @@ class TrainStream(IterableDataset):
                 if produced == quota:
                     return
 
+    def _checked_tokens(self, sample: dict) -> tuple[np.ndarray, list]:
+        """A token shard is made by the pipeline: a sample that breaks the format fails the run, naming it."""
+        where = f"{sample.get('__url__')}:{sample['__key__']}"
+        try:
+            tokens = np.load(io.BytesIO(sample[TOKENS_MEMBER]), allow_pickle=False)
+            views = json.loads(sample[VIEWS_MEMBER]).get("views")
+        except (ValueError, OSError, AttributeError, json.JSONDecodeError) as e:
+            raise InputError(where, f"unreadable tokens.npy / views.json ({type(e).__name__}: {e})") from None
+        problem = check_tokens(tokens, views, self.num_tokens, self.grid)
+        if problem:
+            raise InputError(where, f"{problem}; run `kmim verify` on the shards")
+        return tokens, views  # type: ignore[return-value]
+
     def _decode(self, sample: dict) -> tuple[np.ndarray, np.ndarray, int] | None:
         key = sample["__key__"]
         ext = next((e for e in sample if e.lower() in IMAGE_EXTENSIONS), None)
@@ -141,10 +216,9 @@ class TrainStream(IterableDataset):
             img = decode_rgb(sample[ext])
         except ImageDecodeError:
             return None  # counted by the pipeline stage that wrote the shard; here it is only skipped
-        label = int(sample[LABEL_MEMBER]) if LABEL_MEMBER in sample else -1
+        label = parse_label(sample.get(LABEL_MEMBER))
         if TOKENS_MEMBER in sample and VIEWS_MEMBER in sample:
-            tokens = np.load(io.BytesIO(sample[TOKENS_MEMBER]), allow_pickle=False)
-            views = json.loads(sample[VIEWS_MEMBER])["views"]
+            tokens, views = self._checked_tokens(sample)
             v = choose_view(self.seed, self.epoch, key, len(views))
             pixels = to_uint8_array(apply_view(img, ViewParams.from_json(views[v])))
             return pixels, tokens[v].reshape(-1).astype(np.int64), label
@@ -155,7 +229,38 @@ class TrainStream(IterableDataset):
         return pixels, np.full(1, -1, dtype=np.int64), label
 
 
-def collate(items: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def parse_label(raw: bytes | None) -> int:
+    """The label rule of the reader (kmim/data/reader.py): an integer in [0, MAX_CLASSES), else -1 (none)."""
+    from kmim.data.reader import MAX_CLASSES
+
+    if raw is None:
+        return -1
+    try:
+        label = int(raw)
+    except ValueError:
+        return -1
+    return label if 0 <= label < MAX_CLASSES else -1
+
+
+def check_tokens(tokens: np.ndarray, views: object, num_tokens: int | None, grid: int | None) -> str | None:
+    """Why a sample's tokens.npy / views.json cannot be trained on (None: they can)."""
+    if not isinstance(views, list) or not views:
+        return "views.json lists no views"
+    if tokens.dtype.kind not in "ui":
+        return f"tokens.npy holds {tokens.dtype}, not integer token ids"
+    if tokens.ndim != 3 or tokens.shape[0] != len(views) or (grid and tokens.shape[1:] != (grid, grid)):
+        expected = f"[{len(views)}, {grid}, {grid}]" if grid else f"[{len(views)}, H, W]"
+        return f"tokens.npy has shape {list(tokens.shape)}, expected {expected} (views x patch grid)"
+    if tokens.size and (
+        int(tokens.min()) < 0 or (num_tokens is not None and int(tokens.max()) >= num_tokens)
+    ):
+        return f"token ids span [{int(tokens.min())}, {int(tokens.max())}], outside the codebook's [0, {num_tokens})"
+    return None
+
+
+def collate(
+    items: list[tuple[np.ndarray, np.ndarray, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     views = torch.from_numpy(np.stack([i[0] for i in items]))  # uint8 [B, S, S, 3]
     tokens = torch.from_numpy(np.stack([i[1] for i in items]))  # int64 [B, L]
     labels = torch.tensor([i[2] for i in items], dtype=torch.int64)
@@ -167,9 +272,15 @@ def make_loader(stream: TrainStream, num_workers: int) -> DataLoader:
 
     Its own generator: otherwise starting the workers draws from the global torch RNG, at step 0 in a fresh
     run but at the resume step in a resumed one, and drop path after a resume would not match."""
-    return DataLoader(stream, batch_size=stream.batch_size, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(stream.seed))
+    return DataLoader(
+        stream,
+        batch_size=stream.batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        generator=streams.torch_generator("loader", stream.seed),
+    )
 
 
 def check_shards_match_model(shards: TrainShards, image_size: int, patch_size: int) -> int | None:

@@ -1,16 +1,30 @@
-"""All distributed setup lives here: rank arithmetic (pure, unit-tested) and the process group.
+"""All distributed setup lives here: who this process is (rank, world size, main or not, already under a
+launcher or not), relaunching a command as local ranks, rank arithmetic (pure, unit-tested) and the
+process group. Nothing else reads RANK or SLURM_PROCID.
 
-Works under `kmim train --nproc N` (which runs torchrun), an external torchrun, or Slurm (SLURM_PROCID
-etc., with MASTER_ADDR/MASTER_PORT set by the batch script). gloo on CPU, NCCL on GPU.
+Works under `kmim train --nproc N` (which starts N local ranks itself, everything on 127.0.0.1), an external
+torchrun, or Slurm's `srun` without
+torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR defaults to 127.0.0.1 and MASTER_PORT
+to 29500, both settable). gloo on CPU, NCCL on GPU. torch is imported only where a process group is
+made, so that the CLI decides about relaunching without loading it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed import TCPStore
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_MASTER_PORT = "29500"
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,117 @@ def env_ranks(env: dict[str, str]) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def shards_for(num_shards: int, rank: int, world: int, worker: int, workers: int, epoch_order: list[int]) -> list[int]:
+def process_info(env: Mapping[str, str] | None = None) -> DistInfo:
+    """This process's place in the run (default: from os.environ), before any process group exists."""
+    return DistInfo(*env_ranks(os.environ if env is None else env))
+
+
+def is_main_process(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process prints and writes the run's reports: rank 0, or the only process."""
+    return process_info(env).is_main
+
+
+def under_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a launcher already started this process as one rank of a run: torchrun (RANK and WORLD_SIZE,
+    even a world of 1), or Slurm with more than one task. Then `--nproc` must not start more processes."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return True
+    return "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+
+
+def wants_relaunch(nproc: int, env: Mapping[str, str] | None = None) -> bool:
+    """Whether `--nproc nproc` means: run this command again as nproc local processes (relaunch_ranks)."""
+    return nproc > 1 and not under_launcher(env)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def command_args(argv: Sequence[str]) -> list[str]:
+    """The current command's arguments less `--nproc`: the children must not relaunch."""
+    args, rest = [], iter(argv)
+    for arg in rest:
+        if arg == "--nproc":
+            next(rest, None)
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    return args
+
+
+def local_rank_env(nproc: int, rank: int, port: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of rank `rank` of a local run: torchrun's variables, the store on 127.0.0.1:port."""
+    threads = base.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = {
+        **base,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": LOOPBACK,
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": threads,
+    }
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """A rank must not outlive its launcher (a SIGKILLed `kmim train --nproc 2` leaves no orphans)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def relaunch_ranks(nproc: int, args: Sequence[str] | None = None) -> int:
+    """Run `kmim ARGS` (default: this very command line, less `--nproc`) as nproc local DDP processes; its
+    exit code. The children get torchrun's variables (RANK etc.), so they do the work instead of relaunching.
+
+    Not torchrun itself: its launcher's stores listen on every interface whatever address it is given. Here
+    rank 0 serves the process group's store on 127.0.0.1 (`loopback_store`), so nothing listens elsewhere.
+    When one rank fails the others are stopped; the first non-zero exit code is returned."""
+    import signal
+    import time
+
+    argv = command_args(sys.argv[1:]) if args is None else list(args)
+    port = free_port()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kmim", *argv],
+            env=local_rank_env(nproc, rank, port, os.environ),
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        for rank in range(nproc)
+    ]
+    code = 0
+    try:
+        while any(c.poll() is None for c in children):
+            failed = [c.returncode for c in children if c.returncode not in (None, 0)]
+            if failed:
+                code = code or failed[0]
+                for c in children:
+                    if c.poll() is None:
+                        c.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for c in children:
+            c.send_signal(signal.SIGINT)
+    for c in children:
+        c.wait()
+    return code or next((c.returncode for c in children if c.returncode), 0)
+
+
+def shards_for(
+    num_shards: int, rank: int, world: int, worker: int, workers: int, epoch_order: list[int]
+) -> list[int]:
     """The shards one data worker of one rank reads in an epoch: slot = rank * workers + worker takes
     every (world * workers)-th shard of the epoch's order; with fewer shards than slots, slots wrap."""
     slots = world * workers
@@ -54,25 +178,60 @@ def split_evenly(total: int, parts: int, index: int) -> int:
 
 
 def init_distributed() -> DistInfo:
-    rank, world, local_rank = env_ranks(dict(os.environ))
+    import torch
+    import torch.distributed as dist
+
+    rank, world, local_rank = env_ranks(os.environ)
     if world == 1:
         return DistInfo()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    if os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost") and backend == "gloo":
+    addr = os.environ.setdefault("MASTER_ADDR", LOOPBACK)
+    port = int(os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT))
+    if addr in (LOOPBACK, "localhost") and backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a single-node run talks over loopback only
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    store = None
+    if (
+        addr == LOOPBACK and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    ):  # torchrun's agent has one
+        store = loopback_store(port, rank, world)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, store=store)
     return DistInfo(rank, world, local_rank, backend)
 
 
+def loopback_store(port: int, rank: int, world: int) -> TCPStore:
+    """The process group's store for a run on one machine (Slurm's tasks without torchrun): rank 0 serves
+    it on 127.0.0.1 only, where TCPStore by itself would listen on every interface."""
+    from torch.distributed import TCPStore
+    from torch.distributed.constants import default_pg_timeout
+
+    if rank != 0:
+        return TCPStore(LOOPBACK, port, world, is_master=False, timeout=default_pg_timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, port))
+    listener.listen(max(128, world))
+    return TCPStore(
+        LOOPBACK,
+        port,
+        world,
+        is_master=True,
+        timeout=default_pg_timeout,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
+    )
+
+
 def device_for(info: DistInfo) -> torch.device:
+    import torch
+
     return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def cleanup(info: DistInfo) -> None:
+    import torch.distributed as dist
+
     if info.backend is not None and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -80,6 +239,9 @@ def cleanup(info: DistInfo) -> None:
 def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float:
     if not info.distributed:
         return value
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / info.world_size
@@ -87,4 +249,6 @@ def all_reduce_mean(value: float, info: DistInfo, device: torch.device) -> float
 
 def barrier(info: DistInfo) -> None:
     if info.distributed:
+        import torch.distributed as dist
+
         dist.barrier()

@@ -23,11 +23,10 @@ from kmim.data.reader import ReadStats, iter_images, open_dataset
 from kmim.errors import ConfigError, InputError
 from kmim.trainer import model as _registers_micro_vit  # noqa: F401  (timm model registry)
 from kmim.trainer.checkpoint import list_checkpoints, load_checkpoint
-from kmim.trainer.config import config_from_json
+from kmim.trainer.config import POOLS, config_from_json
 from kmim.trainer.distributed import DistInfo
 
 log = logging.getLogger(__name__)
-POOLS = ("cls", "mean")
 
 
 @dataclass
@@ -56,29 +55,44 @@ def load_encoder(source: str) -> FrozenEncoder:
         meta = safetensors_metadata(raw)
         if "encoder" not in meta:
             raise InputError(source, "no `encoder` metadata: not written by `kmim export`")
-        weights, name, size, home = st_load_torch(raw), meta["encoder"], int(meta["image_size"]), fs.dirname(source)
+        weights, name, size, home = (
+            st_load_torch(raw),
+            meta["encoder"],
+            int(meta["image_size"]),
+            fs.dirname(source),
+        )
     else:
         checkpoints = list_checkpoints(source)
         if not checkpoints:
             raise InputError(source, "neither a `kmim train` run folder nor an encoder .safetensors")
         state = load_checkpoint(checkpoints[-1][1])
         cfg = config_from_json(json.loads(state["config"]))
-        weights = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        weights = {k[len("encoder.") :]: v for k, v in state["model"].items() if k.startswith("encoder.")}
         name, size, home = cfg.model.encoder, cfg.model.image_size, source
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size)
     model.load_state_dict(weights, strict=True)
-    fingerprint = hashlib.sha256(st_save_torch({k: v.contiguous() for k, v in sorted(weights.items())})).hexdigest()
+    fingerprint = hashlib.sha256(
+        st_save_torch({k: v.contiguous() for k, v in sorted(weights.items())})
+    ).hexdigest()
     return FrozenEncoder(model.eval(), name, size, fingerprint, home)
 
 
-def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: int = 256,
-                      info: DistInfo = DistInfo()) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def labelled_features(
+    encoder: FrozenEncoder, data: str, pool: str, batch_size: int = 256, info: DistInfo = DistInfo()
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(features [N, D], labels [N], info) of view 0 of every labelled image, cached in the encoder's home."""
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
     dataset = open_dataset(data)
-    key = digest({"encoder": encoder.fingerprint, "data": [s.input_ref().identity() for s in dataset.shards],
-                  "pool": pool, "view": 0, "image_size": encoder.image_size})
+    key = digest(
+        {
+            "encoder": encoder.fingerprint,
+            "data": [s.input_ref().identity() for s in dataset.shards],
+            "pool": pool,
+            "view": 0,
+            "image_size": encoder.image_size,
+        }
+    )
     cache = fs.join(encoder.home, "feature-cache", f"{key[:24]}.safetensors")
     if fs.exists(cache):
         filesystem, path = fs.get_fs(cache)
@@ -104,7 +118,9 @@ def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: 
     skipped = stats.skipped
     if info.distributed:
         gathered: list = [None] * info.world_size
-        dist.all_gather_object(gathered, (parts, stats.skipped))  # our own ranks' tensors, not untrusted input
+        dist.all_gather_object(
+            gathered, (parts, stats.skipped)
+        )  # our own ranks' tensors, not untrusted input
         parts = {i: p for g in gathered for i, p in g[0].items()}
         skipped = [s for g in gathered for s in g[1]]
     ordered = [parts[i] for i in range(len(dataset.shards)) if parts[i][1]]
@@ -113,5 +129,7 @@ def labelled_features(encoder: FrozenEncoder, data: str, pool: str, batch_size: 
     features = torch.cat([f for f, _ in ordered])
     label_tensor = torch.tensor([y for _, ys in ordered for y in ys], dtype=torch.int64)
     if info.is_main:
-        fs.write_bytes_atomic(cache, st_save_torch({"features": features.contiguous(), "labels": label_tensor}))
+        fs.write_bytes_atomic(
+            cache, st_save_torch({"features": features.contiguous(), "labels": label_tensor})
+        )
     return features, label_tensor, {"cached": False, "samples": len(label_tensor), "skipped": skipped}

@@ -25,12 +25,25 @@ def export_encoder(run_dir: str, out: str) -> dict:
     state = load_checkpoint(url)
     cfg = config_from_json(json.loads(state["config"]))
     prefix = "encoder."
-    weights = {k[len(prefix):]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v.contiguous() for k, v in state["model"].items() if k.startswith(prefix)}
     expected = set(build_encoder(cfg.model).state_dict())
     if set(weights) != expected:
-        raise InputError(url, f"encoder keys differ from {cfg.model.encoder}: {sorted(set(weights) ^ expected)[:5]}")
-    meta = {"encoder": cfg.model.encoder, "image_size": str(cfg.model.image_size), "patch_size": str(cfg.model.patch_size),
-            "target": cfg.model.target, "step": str(step), "run": run_dir}
+        raise InputError(
+            url, f"encoder keys differ from {cfg.model.encoder}: {sorted(set(weights) ^ expected)[:5]}"
+        )
+    meta = {
+        "encoder": cfg.model.encoder,
+        "image_size": str(cfg.model.image_size),
+        "patch_size": str(cfg.model.patch_size),
+        "target": cfg.model.target,
+        "step": str(step),
+        "run": run_dir,
+    }
     fs.write_bytes_atomic(out, save(weights, metadata=meta))
-    return {"out": out, "encoder": cfg.model.encoder, "tensors": len(weights), "step": step,
-            "image_size": cfg.model.image_size}
+    return {
+        "out": out,
+        "encoder": cfg.model.encoder,
+        "tensors": len(weights),
+        "step": step,
+        "image_size": cfg.model.image_size,
+    }

@@ -20,11 +20,22 @@ from kmim.contract.views import IMAGENET_MEAN, IMAGENET_STD
 from kmim.errors import ConfigError
 from kmim.trainer.config import ModelConfig
 
-
 # timm reads a module's `default_cfgs` when registering its models.
-default_cfgs = generate_default_cfgs({"vit_micro_patch4_32": {
-    "input_size": (3, 32, 32), "num_classes": 0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_pct": 0.875,
-    "interpolation": "bicubic", "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0"}})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_micro_patch4_32": {
+            "input_size": (3, 32, 32),
+            "num_classes": 0,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": "apache-2.0",
+        }
+    }
+)
 
 
 @register_model
@@ -32,11 +43,13 @@ def vit_micro_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer
     """A tiny ViT for tests and the digits recipe: 32 px, 4 px patches, 4 blocks of width 64."""
     args = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
     return timm.models.vision_transformer._create_vision_transformer(
-        "vit_micro_patch4_32", pretrained=pretrained, **dict(args, **kwargs))
+        "vit_micro_patch4_32", pretrained=pretrained, **dict(args, **kwargs)
+    )
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding [grid*grid, dim] (MAE's decoder embedding)."""
+
     def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
@@ -49,15 +62,22 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
 
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     try:
-        encoder = timm.create_model(cfg.encoder, pretrained=False, num_classes=0, img_size=cfg.image_size,
-                                    drop_path_rate=cfg.drop_path)
+        encoder = timm.create_model(
+            cfg.encoder,
+            pretrained=False,
+            num_classes=0,
+            img_size=cfg.image_size,
+            drop_path_rate=cfg.drop_path,
+        )
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"model.encoder {cfg.encoder!r}: cannot build it with timm ({e})") from None
     if not isinstance(encoder, VisionTransformer):
         raise ConfigError(f"model.encoder {cfg.encoder!r} is not a timm VisionTransformer")
     patch = encoder.patch_embed.patch_size[0]
     if patch != cfg.patch_size:
-        raise ConfigError(f"model.encoder {cfg.encoder!r} has patch size {patch}, model.patch_size is {cfg.patch_size}")
+        raise ConfigError(
+            f"model.encoder {cfg.encoder!r} has patch size {patch}, model.patch_size is {cfg.patch_size}"
+        )
     return encoder
 
 
@@ -73,8 +93,17 @@ class MaskedImageModel(nn.Module):
         self.num_prefix = self.encoder.num_prefix_tokens
         self.decoder_embed = nn.Linear(width, dec)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec))
-        self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(self.num_prefix, dec), sincos_pos_embed(dec, self.grid)]).unsqueeze(0), persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(dec, cfg.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(cfg.decoder_depth)])
+        self.register_buffer(
+            "decoder_pos_embed",
+            torch.cat([torch.zeros(self.num_prefix, dec), sincos_pos_embed(dec, self.grid)]).unsqueeze(0),
+            persistent=False,
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(dec, cfg.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True)
+                for _ in range(cfg.decoder_depth)
+            ]
+        )
         self.decoder_norm = nn.LayerNorm(dec)
         out = num_tokens if cfg.target in ("tokens", "online") else cfg.patch_size**2 * 3
         self.decoder_pred = nn.Linear(dec, out)
@@ -113,7 +142,9 @@ class MaskedImageModel(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return kept, mask, ids_restore
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    ):
         """imgs [N, 3, H, W] -> latent [N, P + L_keep, D], mask [N, L], ids_restore [N, L]."""
         enc = self.encoder
         x = enc.patch_embed(imgs)  # [N, L, D], or [N, h, w, D] for models built with dynamic_img_size
@@ -146,11 +177,17 @@ class MaskedImageModel(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, self.num_prefix :]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None):
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | None
+    ):
         """Mean loss over masked patches: cross-entropy on token ids, or MSE on (normalised) pixels."""
         if self.cfg.target in ("tokens", "online"):
-            ce = F.cross_entropy(pred.flatten(0, 1).float(), tokens.flatten().long(), reduction="none",
-                                 label_smoothing=self.cfg.label_smoothing)
+            ce = F.cross_entropy(
+                pred.flatten(0, 1).float(),
+                tokens.flatten().long(),
+                reduction="none",
+                label_smoothing=self.cfg.label_smoothing,
+            )
             return (ce * mask.flatten()).sum() / mask.sum()
         target = self.patchify(imgs)
         if self.cfg.norm_pix_loss:
@@ -159,7 +196,9 @@ class MaskedImageModel(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, tokens: torch.Tensor | None = None, generator: torch.Generator | None = None):
+    def forward(
+        self, imgs: torch.Tensor, tokens: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ):
         latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask, tokens)

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,14 @@ RECIPE = "manifests/recipes/digits.yaml"  # relative to the repo root, which is 
 RECIPE_PATH = str(Path(__file__).resolve().parents[2] / RECIPE)
 DEFAULT_ROOT = "bench/science/out/kmim_vs_mae/root"
 # Paper Table 7, K-MIM PIXEL on ImageNet-100 (k-means 100 epochs at K = 50): K -> (TCAS, linear probing top-1 %).
-PAPER_TABLE7_PIXEL = {10: (0.69, 42.7), 25: (0.60, 48.3), 50: (0.56, 52.7), 100: (0.52, 50.1), 200: (0.49, 50.8),
-                      1000: (0.39, 50.6)}
+PAPER_TABLE7_PIXEL = {
+    10: (0.69, 42.7),
+    25: (0.60, 48.3),
+    50: (0.56, 52.7),
+    100: (0.52, 50.1),
+    200: (0.49, 50.8),
+    1000: (0.39, 50.6),
+}
 
 
 def correlations(x: list[float], y: list[float]) -> dict:
@@ -46,8 +51,13 @@ def correlations(x: list[float], y: list[float]) -> dict:
     if len(x) < 3:
         return {"n": len(x), "pearson_r": None, "pearson_p": None, "spearman_rho": None, "spearman_p": None}
     p, s = stats.pearsonr(x, y), stats.spearmanr(x, y)
-    return {"n": len(x), "pearson_r": round(float(p.statistic), 3), "pearson_p": round(float(p.pvalue), 3),
-            "spearman_rho": round(float(s.statistic), 3), "spearman_p": round(float(s.pvalue), 3)}
+    return {
+        "n": len(x),
+        "pearson_r": round(float(p.statistic), 3),
+        "pearson_p": round(float(p.pvalue), 3),
+        "spearman_rho": round(float(s.statistic), 3),
+        "spearman_p": round(float(s.pvalue), 3),
+    }
 
 
 def variants(recipe) -> tuple[str, str]:  # noqa: ANN001
@@ -66,8 +76,11 @@ def run(root: str, sets: list[str], runs: list[str]) -> tuple[list[dict], float]
     from kmim.lineage.recipe import load_recipe
     from kmim.lineage.runner import run_recipe
 
-    print(f"\n=== kmim run {RECIPE} --root {root} {' '.join('--set ' + s for s in sets)} "
-          f"{' '.join('--run ' + r for r in runs)}", flush=True)
+    print(
+        f"\n=== kmim run {RECIPE} --root {root} {' '.join('--set ' + s for s in sets)} "
+        f"{' '.join('--run ' + r for r in runs)}",
+        flush=True,
+    )
     recipe = load_recipe(RECIPE_PATH, sets)
     start = time.perf_counter()
     report = run_recipe(recipe, root, runs=runs, sets=sets)
@@ -79,12 +92,20 @@ def run(root: str, sets: list[str], runs: list[str]) -> tuple[list[dict], float]
         step = report.step(f"train/{name}")
         cfg = recipe.train_config(name, "<in>", "<out>")
         summary = fs.read_json(fs.join(step.path, "train_summary.json"))
-        row = {"variant": name, "target": cfg.model.target, "seed": cfg.seed, "epochs": cfg.optim.epochs,
-               "k": recipe.cluster.k if cfg.model.target != "pixel" else None,
-               "tcas": round(tcas_report["tcas"]["tcas"], 4) if cfg.model.target != "pixel" else None,
-               "used_codes": tcas_report["usage"]["used_codes"] if cfg.model.target != "pixel" else None,
-               "steps": summary["steps"], "final_loss": round(summary["final_loss"], 4),
-               "train_s": round(summary["seconds"], 1), "train_status": step.status, "path": step.path}
+        row = {
+            "variant": name,
+            "target": cfg.model.target,
+            "seed": cfg.seed,
+            "epochs": cfg.optim.epochs,
+            "k": recipe.cluster.k if cfg.model.target != "pixel" else None,
+            "tcas": round(tcas_report["tcas"]["tcas"], 4) if cfg.model.target != "pixel" else None,
+            "used_codes": tcas_report["usage"]["used_codes"] if cfg.model.target != "pixel" else None,
+            "steps": summary["steps"],
+            "final_loss": round(summary["final_loss"], 4),
+            "train_s": round(summary["seconds"], 1),
+            "train_status": step.status,
+            "path": step.path,
+        }
         for protocol in recipe.evals:
             r = fs.read_json(fs.join(step.path, f"eval-{protocol}.json"))
             row[protocol] = round(100 * r["top1"], 2)
@@ -112,9 +133,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def probe_stats(rows: list[dict]) -> dict:
     """k-NN and linear top-1 of runs that differ only by seed: mean ± sample std, and each seed's value."""
     knn, linear = mean_std([r["knn"] for r in rows]), mean_std([r["linear"] for r in rows])
-    return {"seeds": [r["seed"] for r in rows], "knn_mean": knn[0], "knn_std": knn[1], "linear_mean": linear[0],
-            "linear_std": linear[1], "knn_per_seed": [r["knn"] for r in rows],
-            "linear_per_seed": [r["linear"] for r in rows]}
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "knn_mean": knn[0],
+        "knn_std": knn[1],
+        "linear_mean": linear[0],
+        "linear_std": linear[1],
+        "knn_per_seed": [r["knn"] for r in rows],
+        "linear_per_seed": [r["linear"] for r in rows],
+    }
 
 
 def summarize_sweep(sweep: list[dict]) -> list[dict]:
@@ -122,9 +149,16 @@ def summarize_sweep(sweep: list[dict]) -> list[dict]:
     out = []
     for k in sorted({r["k"] for r in sweep}):
         rows = [r for r in sweep if r["k"] == k]
-        out.append({"k": k, "tcas": rows[0]["tcas"], "used_codes": rows[0]["used_codes"], **probe_stats(rows),
-                    "final_loss": round(float(np.mean([r["final_loss"] for r in rows])), 4),
-                    "train_s": round(float(np.mean([r["train_s"] for r in rows])), 1)})
+        out.append(
+            {
+                "k": k,
+                "tcas": rows[0]["tcas"],
+                "used_codes": rows[0]["used_codes"],
+                **probe_stats(rows),
+                "final_loss": round(float(np.mean([r["final_loss"] for r in rows])), 4),
+                "train_s": round(float(np.mean([r["train_s"] for r in rows])), 1),
+            }
+        )
     return out
 
 
@@ -132,8 +166,16 @@ def summarize(main_rows: list[dict]) -> list[dict]:
     out = []
     for variant in dict.fromkeys(r["variant"] for r in main_rows):
         rows = [r for r in main_rows if r["variant"] == variant]
-        out.append({"variant": variant, "target": rows[0]["target"], "k": rows[0]["k"], "tcas": rows[0]["tcas"],
-                    "steps": rows[0]["steps"], **probe_stats(rows)})
+        out.append(
+            {
+                "variant": variant,
+                "target": rows[0]["target"],
+                "k": rows[0]["k"],
+                "tcas": rows[0]["tcas"],
+                "steps": rows[0]["steps"],
+                **probe_stats(rows),
+            }
+        )
     return out
 
 
@@ -142,29 +184,42 @@ def pm(mean: float, std: float) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"K-MIM vs MAE, digits, equal steps ({result['epochs']} epochs; top-1 %, mean ± sample std over seeds)", "",
-             "| variant | target | K | TCAS | steps | seeds | k-NN top-1 | linear top-1 | k-NN per seed | linear per seed |",
-             "|---|---|---:|---:|---:|---|---:|---:|---|---|"]
+    lines = [
+        f"K-MIM vs MAE, digits, equal steps ({result['epochs']} epochs; top-1 %, mean ± sample std over seeds)",
+        "",
+        "| variant | target | K | TCAS | steps | seeds | k-NN top-1 | linear top-1 | k-NN per seed | linear per seed |",
+        "|---|---|---:|---:|---:|---|---:|---:|---|---|",
+    ]
     for s in result["summary"]:
-        lines.append(f"| {s['variant']} | {s['target']} | {s['k'] or '-'} | "
-                     f"{'-' if s['tcas'] is None else format(s['tcas'], '.4f')} | {s['steps']} | "
-                     f"{','.join(map(str, s['seeds']))} | {pm(s['knn_mean'], s['knn_std'])} | "
-                     f"{pm(s['linear_mean'], s['linear_std'])} | {', '.join(f'{v:.2f}' for v in s['knn_per_seed'])} | "
-                     f"{', '.join(f'{v:.2f}' for v in s['linear_per_seed'])} |")
-    lines += ["", f"TCAS vs accuracy across K (tokens target, seeds {','.join(map(str, result['sweep_seeds']))}, "
-                  f"{result['sweep_epochs']} epochs; top-1 %, mean ± sample std over seeds)", "",
-              "| K | TCAS | used codes | final loss | k-NN top-1 | linear top-1 | k-NN per seed | linear per seed | train s |",
-              "|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+        lines.append(
+            f"| {s['variant']} | {s['target']} | {s['k'] or '-'} | "
+            f"{'-' if s['tcas'] is None else format(s['tcas'], '.4f')} | {s['steps']} | "
+            f"{','.join(map(str, s['seeds']))} | {pm(s['knn_mean'], s['knn_std'])} | "
+            f"{pm(s['linear_mean'], s['linear_std'])} | {', '.join(f'{v:.2f}' for v in s['knn_per_seed'])} | "
+            f"{', '.join(f'{v:.2f}' for v in s['linear_per_seed'])} |"
+        )
+    lines += [
+        "",
+        f"TCAS vs accuracy across K (tokens target, seeds {','.join(map(str, result['sweep_seeds']))}, "
+        f"{result['sweep_epochs']} epochs; top-1 %, mean ± sample std over seeds)",
+        "",
+        "| K | TCAS | used codes | final loss | k-NN top-1 | linear top-1 | k-NN per seed | linear per seed | train s |",
+        "|---:|---:|---:|---:|---:|---:|---|---|---:|",
+    ]
     for r in result["sweep_summary"]:
-        lines.append(f"| {r['k']} | {r['tcas']:.4f} | {r['used_codes']}/{r['k']} | {r['final_loss']:.4f} | "
-                     f"{pm(r['knn_mean'], r['knn_std'])} | {pm(r['linear_mean'], r['linear_std'])} | "
-                     f"{', '.join(f'{v:.2f}' for v in r['knn_per_seed'])} | "
-                     f"{', '.join(f'{v:.2f}' for v in r['linear_per_seed'])} | {r['train_s']:.1f} |")
+        lines.append(
+            f"| {r['k']} | {r['tcas']:.4f} | {r['used_codes']}/{r['k']} | {r['final_loss']:.4f} | "
+            f"{pm(r['knn_mean'], r['knn_std'])} | {pm(r['linear_mean'], r['linear_std'])} | "
+            f"{', '.join(f'{v:.2f}' for v in r['knn_per_seed'])} | "
+            f"{', '.join(f'{v:.2f}' for v in r['linear_per_seed'])} | {r['train_s']:.1f} |"
+        )
     lines += ["", "| correlation | n | Pearson r | p | Spearman ρ | p |", "|---|---:|---:|---:|---:|---:|"]
     for name, c in result["correlations"].items():
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {c['n']} | {fmt(c['pearson_r'])} | {fmt(c['pearson_p'])} | "
-                     f"{fmt(c['spearman_rho'])} | {fmt(c['spearman_p'])} |")
+        lines.append(
+            f"| {name} | {c['n']} | {fmt(c['pearson_r'])} | {fmt(c['pearson_p'])} | "
+            f"{fmt(c['spearman_rho'])} | {fmt(c['spearman_p'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -180,18 +235,31 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, protocol, label in [(axes[0], "linear", "linear probe"), (axes[1], "knn", "k-NN (k=20)")]:
         x, y = [r["tcas"] for r in sweep], [r[f"{protocol}_mean"] for r in sweep]
-        ax.errorbar(x, y, yerr=[r[f"{protocol}_std"] for r in sweep], fmt="o", capsize=3,
-                    label=f"K-MIM PIXEL, mean ± std over {len(result['sweep_seeds'])} seeds")
+        ax.errorbar(
+            x,
+            y,
+            yerr=[r[f"{protocol}_std"] for r in sweep],
+            fmt="o",
+            capsize=3,
+            label=f"K-MIM PIXEL, mean ± std over {len(result['sweep_seeds'])} seeds",
+        )
         for r in result["sweep"]:
             ax.plot([r["tcas"]], [r[protocol]], ".", color="C0", alpha=0.35)
         for r in sweep:
-            ax.annotate(f"K={r['k']}", (r["tcas"], r[f"{protocol}_mean"]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=8)
+            ax.annotate(
+                f"K={r['k']}",
+                (r["tcas"], r[f"{protocol}_mean"]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=8,
+            )
         if len(x) >= 3 and len(set(x)) > 1:
             slope, icept = np.polyfit(x, y, 1)
             xs = np.linspace(min(x), max(x), 10)
             c = result["correlations"][f"TCAS vs {protocol} (per-K means)"]
-            ax.plot(xs, slope * xs + icept, "-", alpha=0.5, label=f"least squares (Pearson r = {c['pearson_r']})")
+            ax.plot(
+                xs, slope * xs + icept, "-", alpha=0.5, label=f"least squares (Pearson r = {c['pearson_r']})"
+            )
         if mae is not None:
             m, s = mae[f"{protocol}_mean"], mae[f"{protocol}_std"]
             ax.axhline(m, color="grey", linestyle="--", label=f"MAE, {len(mae['seeds'])} seeds (± std)")
@@ -201,8 +269,10 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel(f"{label} top-1 % (val)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"digits, vit_micro_patch4_32: val accuracy vs TCAS across K ({result.get('sweep_epochs', result['epochs'])} "
-                 f"epochs; MAE band: {result['epochs']} epochs)")
+    fig.suptitle(
+        f"digits, vit_micro_patch4_32: val accuracy vs TCAS across K ({result.get('sweep_epochs', result['epochs'])} "
+        f"epochs; MAE band: {result['epochs']} epochs)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,10 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ks", default="10,25,50,100,200")
     ap.add_argument("--sweep-seeds", default="0,1,2", help="training seeds of each K in the sweep")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
-    ap.add_argument("--sweep-epochs", type=int, default=None, help="training epochs of the K sweep (default: --epochs)")
+    ap.add_argument(
+        "--sweep-epochs", type=int, default=None, help="training epochs of the K sweep (default: --epochs)"
+    )
     ap.add_argument("--root", default=DEFAULT_ROOT)
     ap.add_argument("--out", default=None, help="where the JSON/MD/PNG go (default: the root's parent)")
-    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG (and the .md) of a saved kmim_vs_mae.json")
+    ap.add_argument(
+        "--replot", metavar="JSON", help="only redraw the PNG (and the .md) of a saved kmim_vs_mae.json"
+    )
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -241,36 +315,59 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     main_rows, walls = [], []
     for seed in seeds:
-        rows, wall = run(args.root, epoch_sets(recipe, epochs) + [f"train.seed={seed}"], [tokens_run, mae_run])
+        rows, wall = run(
+            args.root, epoch_sets(recipe, epochs) + [f"train.seed={seed}"], [tokens_run, mae_run]
+        )
         main_rows += rows
         walls.append({"what": f"seed {seed}: {tokens_run} + {mae_run}", "wall_s": wall})
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
     sweep = []
     for k in ks:
         for seed in sweep_seeds:
-            rows, wall = run(args.root, epoch_sets(recipe, sweep_epochs) + [f"cluster.k={k}", f"train.seed={seed}"],
-                             [tokens_run])
+            rows, wall = run(
+                args.root,
+                epoch_sets(recipe, sweep_epochs) + [f"cluster.k={k}", f"train.seed={seed}"],
+                [tokens_run],
+            )
             sweep += rows
             walls.append({"what": f"K={k} ({tokens_run}, seed {seed})", "wall_s": wall})
     sweep_summary = summarize_sweep(sweep)
     corr = {}
     for p in ("linear", "knn"):
-        corr[f"TCAS vs {p} (per-K means)"] = correlations([r["tcas"] for r in sweep_summary],
-                                                          [r[f"{p}_mean"] for r in sweep_summary])
+        corr[f"TCAS vs {p} (per-K means)"] = correlations(
+            [r["tcas"] for r in sweep_summary], [r[f"{p}_mean"] for r in sweep_summary]
+        )
         corr[f"TCAS vs {p} (every run)"] = correlations([r["tcas"] for r in sweep], [r[p] for r in sweep])
     paper_ks = [k for k in ks if k in PAPER_TABLE7_PIXEL]
     corr["paper Table 7 PIXEL, TCAS vs linear (same K)"] = correlations(
-        [PAPER_TABLE7_PIXEL[k][0] for k in paper_ks], [PAPER_TABLE7_PIXEL[k][1] for k in paper_ks])
-    result = {"script": "bench.science.kmim_vs_mae", "recipe": RECIPE, "root": args.root, "seeds": seeds, "ks": ks,
-              "sweep_seeds": sweep_seeds, "epochs": epochs, "sweep_epochs": sweep_epochs,
-              "recipe_epochs": default_epochs, "runs": main_rows,
-              "summary": summarize(main_rows), "sweep": sweep, "sweep_summary": sweep_summary, "correlations": corr, "walls": walls,
-              "wall_s": round(time.perf_counter() - start, 1), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+        [PAPER_TABLE7_PIXEL[k][0] for k in paper_ks], [PAPER_TABLE7_PIXEL[k][1] for k in paper_ks]
+    )
+    result = {
+        "script": "bench.science.kmim_vs_mae",
+        "recipe": RECIPE,
+        "root": args.root,
+        "seeds": seeds,
+        "ks": ks,
+        "sweep_seeds": sweep_seeds,
+        "epochs": epochs,
+        "sweep_epochs": sweep_epochs,
+        "recipe_epochs": default_epochs,
+        "runs": main_rows,
+        "summary": summarize(main_rows),
+        "sweep": sweep,
+        "sweep_summary": sweep_summary,
+        "correlations": corr,
+        "walls": walls,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
     table = markdown(result)
     print()
     print(table)
-    print(f"\n{epochs} epochs ({main_rows[0]['steps']} steps) per seed run, {sweep_epochs} epochs ({sweep[0]['steps']} steps) "
-          f"per K-sweep run; total wall {result['wall_s']}s on {result['machine']}")
+    print(
+        f"\n{epochs} epochs ({main_rows[0]['steps']} steps) per seed run, {sweep_epochs} epochs ({sweep[0]['steps']} steps) "
+        f"per K-sweep run; total wall {result['wall_s']}s on {result['machine']}"
+    )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "kmim_vs_mae.json"), "w") as f:
         json.dump(result, f, indent=2)

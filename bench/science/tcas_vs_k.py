@@ -24,7 +24,6 @@ import platform
 import tempfile
 import time
 from dataclasses import replace
-
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +41,14 @@ def random_codebook(features_url: str, template: str, out: str, k: int, kind: st
     from safetensors.numpy import save as st_save
 
     from kmim import fs
+    from kmim.contract import streams
     from kmim.contract.manifest import digest
     from kmim.contract.schemas import CODEBOOK_META, CODEBOOK_TENSOR, CODEBOOK_WEIGHTS
     from kmim.pipeline.features import open_features, read_feature_file
 
     features = open_features(features_url)
     x = np.concatenate([read_feature_file(f.url, features.dim) for f in features.files])
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("bench_random_codebook", seed)
     if kind == "random-features":
         centers = x[rng.choice(len(x), k, replace=False)]
         how = f"{k} feature vectors drawn uniformly without replacement (seed {seed}), no Lloyd epoch"
@@ -60,35 +60,62 @@ def random_codebook(features_url: str, template: str, out: str, k: int, kind: st
         raise ValueError(kind)
     centers = np.ascontiguousarray(centers, dtype=np.float32)
     fs.makedirs(out)
-    meta = {**fs.read_json(fs.join(template, CODEBOOK_META)), "k": k, "init": f"{kind}: {how}", "epochs_run": 0,
-            "seed": seed, "inertia_per_epoch": [], "cluster_sizes": None, "seconds_per_epoch": []}
+    meta = {
+        **fs.read_json(fs.join(template, CODEBOOK_META)),
+        "k": k,
+        "init": f"{kind}: {how}",
+        "epochs_run": 0,
+        "seed": seed,
+        "inertia_per_epoch": [],
+        "cluster_sizes": None,
+        "seconds_per_epoch": [],
+    }
     fs.write_bytes_atomic(fs.join(out, CODEBOOK_WEIGHTS), st_save({CODEBOOK_TENSOR: centers}))
     fs.write_json_atomic(fs.join(out, CODEBOOK_META), meta)
     manifest = fs.read_json(fs.join(template, "manifest.json"))
-    manifest.update(fingerprint=digest({"random_codebook": kind, "k": k, "seed": seed, "features": features.manifest.fingerprint}),
-                    config={"random": how}, stats={"k": k, "dim": features.dim, "epochs_run": 0},
-                    outputs=[{"url": CODEBOOK_WEIGHTS, "sha256": fs.sha256_of(fs.join(out, CODEBOOK_WEIGHTS))},
-                             {"url": CODEBOOK_META}])
+    manifest.update(
+        fingerprint=digest(
+            {"random_codebook": kind, "k": k, "seed": seed, "features": features.manifest.fingerprint}
+        ),
+        config={"random": how},
+        stats={"k": k, "dim": features.dim, "epochs_run": 0},
+        outputs=[
+            {"url": CODEBOOK_WEIGHTS, "sha256": fs.sha256_of(fs.join(out, CODEBOOK_WEIGHTS))},
+            {"url": CODEBOOK_META},
+        ],
+    )
     fs.write_json_atomic(fs.join(out, "manifest.json"), manifest)
 
 
 def row_from(report: dict, codebook: str, k: int, cluster_s: float | None, tcas_s: float) -> dict:
     t = report["tcas"]
-    return {"codebook": codebook, "k": k, "tcas": round(t["tcas"], 4), "first_term": round(t["first_term"], 4),
-            "second_term": round(t["second_term"], 4), "patch_weighted_first_term": round(t["patch_weighted_first_term"], 4),
-            "used_codes": report["usage"]["used_codes"],
-            "perplexity": round(report["usage"]["perplexity"], 1), "patches": report["usage"]["patches"],
-            "cluster_s": None if cluster_s is None else round(cluster_s, 1), "tcas_s": round(tcas_s, 1)}
+    return {
+        "codebook": codebook,
+        "k": k,
+        "tcas": round(t["tcas"], 4),
+        "first_term": round(t["first_term"], 4),
+        "second_term": round(t["second_term"], 4),
+        "patch_weighted_first_term": round(t["patch_weighted_first_term"], 4),
+        "used_codes": report["usage"]["used_codes"],
+        "perplexity": round(report["usage"]["perplexity"], 1),
+        "patches": report["usage"]["patches"],
+        "cluster_s": None if cluster_s is None else round(cluster_s, 1),
+        "tcas_s": round(tcas_s, 1),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| codebook | K | TCAS | 1st term | 2nd term | 1st term, patch-weighted | used codes | perplexity | cluster s | TCAS s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| codebook | K | TCAS | 1st term | 2nd term | 1st term, patch-weighted | used codes | perplexity | cluster s | TCAS s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         cs = "-" if r["cluster_s"] is None else f"{r['cluster_s']:.1f}"
-        lines.append(f"| {r['codebook']} | {r['k']} | {r['tcas']:.4f} | {r['first_term']:.4f} | {r['second_term']:.4f} | "
-                     f"{r['patch_weighted_first_term']:.4f} | {r['used_codes']}/{r['k']} | "
-                     f"{r['perplexity']:.1f} | {cs} | {r['tcas_s']:.1f} |")
+        lines.append(
+            f"| {r['codebook']} | {r['k']} | {r['tcas']:.4f} | {r['first_term']:.4f} | {r['second_term']:.4f} | "
+            f"{r['patch_weighted_first_term']:.4f} | {r['used_codes']}/{r['k']} | "
+            f"{r['perplexity']:.1f} | {cs} | {r['tcas_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -102,9 +129,17 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["k"] for r in km], [r["tcas"] for r in km], "o-", label="k-means (ours, digits, 10 classes)")
     for r, marker in zip([r for r in rows if r["codebook"] != "k-means"], ["X", "s", "D", "^"]):
-        ax.plot([r["k"]], [r["tcas"]], marker, markersize=9, linestyle="none", label=f"{r['codebook']} (digits)")
+        ax.plot(
+            [r["k"]], [r["tcas"]], marker, markersize=9, linestyle="none", label=f"{r['codebook']} (digits)"
+        )
     ks = sorted(PAPER_TABLE7_PIXEL)
-    ax.plot(ks, [PAPER_TABLE7_PIXEL[k] for k in ks], "--", color="grey", label="paper Table 7 (ImageNet-100, 100 classes)")
+    ax.plot(
+        ks,
+        [PAPER_TABLE7_PIXEL[k] for k in ks],
+        "--",
+        color="grey",
+        label="paper Table 7 (ImageNet-100, 100 classes)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("K (codebook size)")
     ax.set_ylabel("TCAS (lower is better)")
@@ -116,8 +151,9 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def measure(ks: list[int], epochs: int, random_k: int, randoms: list[str], seed: int, work: str,
-            num_cpus: int | None) -> dict:
+def measure(
+    ks: list[int], epochs: int, random_k: int, randoms: list[str], seed: int, work: str, num_cpus: int | None
+) -> dict:
     from kmim.data.digits import write_digits
     from kmim.lineage.recipe import load_recipe
     from kmim.pipeline.cluster import cluster
@@ -163,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ks", default="10,25,50,100,200", help="comma-separated codebook sizes")
     ap.add_argument("--epochs", type=int, default=None, help="k-means epochs (default: the recipe's)")
     ap.add_argument("--random-k", type=int, default=50)
-    ap.add_argument("--random", default=",".join(RANDOM_KINDS), help="random codebooks to score (comma-separated)")
+    ap.add_argument(
+        "--random", default=",".join(RANDOM_KINDS), help="random codebooks to score (comma-separated)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     args = ap.parse_args(argv)
@@ -177,15 +215,26 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--random: unknown {', '.join(unknown)} (known: {', '.join(RANDOM_KINDS)})")
     with tempfile.TemporaryDirectory(prefix="tcas_vs_k-") as work:
         result = measure(ks, epochs, args.random_k, randoms, args.seed, work, args.num_cpus)
-    result = {"script": "bench.science.tcas_vs_k", "recipe": RECIPE, "ks": ks, "kmeans_epochs": epochs, "seed": args.seed,
-              "random_k": args.random_k, "split": "train", "features": "pixel, 32 px, patch 4, 64 patches/image",
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **result}
+    result = {
+        "script": "bench.science.tcas_vs_k",
+        "recipe": RECIPE,
+        "ks": ks,
+        "kmeans_epochs": epochs,
+        "seed": args.seed,
+        "random_k": args.random_k,
+        "split": "train",
+        "features": "pixel, 32 px, patch 4, 64 patches/image",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        **result,
+    }
     table = markdown(result["rows"])
     t = result["times"]
     print()
     print(table)
-    print(f"\n{result['samples']} train images, {result['classes']} classes; k-means {epochs} epochs, seed {args.seed}; "
-          f"data {t['data_s']}s, extract {t['extract_s']}s, total wall {t['wall_s']}s on {result['machine']}")
+    print(
+        f"\n{result['samples']} train images, {result['classes']} classes; k-means {epochs} epochs, seed {args.seed}; "
+        f"data {t['data_s']}s, extract {t['extract_s']}s, total wall {t['wall_s']}s on {result['machine']}"
+    )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tcas_vs_k.json"), "w") as f:
         json.dump(result, f, indent=2)

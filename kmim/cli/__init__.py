@@ -37,6 +37,30 @@ app.command("train")(train)
 app.command("export")(export)
 
 
+@app.command("verify")
+def verify(
+    path: str = typer.Argument(
+        ..., help="A dataset or stage folder (shards.json / manifest.json) or a `kmim run` root."
+    ),
+) -> None:
+    """Check every shard and output file against the sizes and sha256 its index and manifest recorded; run it
+    after copying shards between stores. Exits 1 when a file is missing or changed."""
+    import json
+
+    from kmim.verify import verify as run
+
+    report = run(path)
+    for p in report.problems:
+        typer.echo(f"{p['file']}: {p['reason']}", err=True)
+    typer.echo(
+        json.dumps(report.to_json())
+        if report.problems
+        else f"verify: {report.checked} files, {report.bytes:,} bytes: all match their recorded size and sha256"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"kmim {__version__}")
@@ -45,7 +69,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     logging.basicConfig(

@@ -7,31 +7,50 @@ from typing import Optional
 
 import typer
 
+from kmim.cli.train import SET_HELP
+
 
 def run(
     recipe: str = typer.Argument(..., help="A pipeline recipe (see manifests/recipes/digits.yaml)."),
-    root: str = typer.Option("out", help="Where artifacts live: ROOT/<stage>/<fingerprint>/ (local path or fsspec URL)."),
-    stages: str = typer.Option("data,extract,cluster,tokenize,train,eval", help="Comma-separated stages to run; "
-                               "earlier ones must then be finished under ROOT."),
-    run_name: Optional[list[str]] = typer.Option(None, "--run", help="Only this variant of `runs:` (repeatable)."),
+    root: str = typer.Option(
+        "out", help="Where artifacts live: ROOT/<stage>/<fingerprint>/ (local path or fsspec URL)."
+    ),
+    stages: str = typer.Option(
+        "data,extract,cluster,tokenize,train,eval",
+        help="Comma-separated stages to run; earlier ones must then be finished under ROOT.",
+    ),
+    run_name: Optional[list[str]] = typer.Option(
+        None, "--run", help="Only this variant of `runs:` (repeatable)."
+    ),
     nproc: int = typer.Option(1, help="DDP processes per training run (torchrun; gloo on CPU, NCCL on GPU)."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS or an embedded Ray)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a recipe key: cluster.k=25, train.optim.epochs=5."),
+    address: Optional[str] = typer.Option(
+        None, help="Ray cluster to join (default: RAY_ADDRESS or an embedded Ray)."
+    ),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Images to a trained, evaluated encoder: extract -> cluster -> tokenize -> train -> eval, reusing finished stages."""
     from kmim.lineage.recipe import load_recipe
     from kmim.lineage.runner import run_recipe
 
     sets = list(set_ or [])
-    report = run_recipe(load_recipe(recipe, sets), root, [s.strip() for s in stages.split(",") if s.strip()],
-                        list(run_name or []) or None, nproc, address, sets)
+    report = run_recipe(
+        load_recipe(recipe, sets),
+        root,
+        [s.strip() for s in stages.split(",") if s.strip()],
+        list(run_name or []) or None,
+        nproc,
+        address,
+        sets,
+    )
     counts: dict[str, int] = {}
     for step in report.steps:
         counts[step.status] = counts.get(step.status, 0) + 1
-    from kmim.cli.eval import _is_main
+    from kmim.trainer.distributed import is_main_process
 
-    if _is_main():
-        typer.echo(f"run: {len(report.steps)} steps ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) under {report.root}")
+    if is_main_process():
+        typer.echo(
+            f"run: {len(report.steps)} steps ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) under {report.root}"
+        )
 
 
 def ls(root: str = typer.Option("out", help="The root `kmim run` wrote to.")) -> None:

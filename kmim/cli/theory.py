@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import typer
 
-theory_app = typer.Typer(help="Check the paper's theory numerically (the toy model of section 3.3).",
-                         no_args_is_help=True)
+from kmim.cli.options import config_options
+from kmim.theory.toy import ToyConfig
+
+theory_app = typer.Typer(
+    help="Check the paper's theory numerically (the toy model of section 3.3).", no_args_is_help=True
+)
 
 
 @theory_app.callback()
@@ -15,25 +19,19 @@ def _group() -> None:
 
 
 @theory_app.command("toy")
+@config_options(ToyConfig, where="toy")
 def toy(
-    n: int = typer.Option(8, "--n", help="Points per class."),
-    m: int = typer.Option(2, "--m", help="Points shared by every two classes (t = m/n)."),
-    classes: int = typer.Option(2, "--classes", help="Classes S (2: section 3.3; more: appendix C)."),
-    tokenizer: str = typer.Option("class", "--tokenizer", help="mae (one token per point), class, or cross."),
-    l: int | None = typer.Option(None, "--l", help="Cross-class tokens (cross only; default 2)."),
-    partitions: int = typer.Option(200, "--partitions", help="Random partitions for Theorem 1 (0: skip)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random partitions."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    config: ToyConfig = None,  # type: ignore[assignment]  # built from the options by config_options
 ) -> None:
     """Toy model: numerics vs the paper's closed forms, and Theorem 1 against random partitions.
 
     Prints the table; exits 1 when a closed form disagrees or the Theorem 1 check fails.
     """
     from kmim import fs
-    from kmim.theory.toy import ToyConfig, render, toy_report
+    from kmim.theory.toy import render, toy_report
 
-    report = toy_report(ToyConfig(n=n, m=m, classes=classes, tokenizer=tokenizer, l=l, partitions=partitions,
-                                  seed=seed))
+    report = toy_report(config)
     if json_path:
         fs.write_json_atomic(json_path, report)
     typer.echo(render(report))

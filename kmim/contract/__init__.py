@@ -1,10 +1,11 @@
 """The shared contract between pipeline stages and the trainer (documented in docs/FORMATS.md):
-views and their replay, the patch order, on-disk schemas, and stage manifests."""
+views and their replay, the patch order, the named random streams, on-disk schemas, and stage manifests."""
 
 from kmim.contract.images import ImageDecodeError, decode_rgb, to_rgb
 from kmim.contract.manifest import InputRef, StageManifest, fingerprint_inputs, stage_fingerprint
 from kmim.contract.patches import grid_size, patchify, unpatchify
 from kmim.contract.schemas import FORMAT_VERSION, ShardEntry, ShardIndex, feature_schema, token_dtype
+from kmim.contract.streams import STREAMS, Stream
 from kmim.contract.views import (
     ViewParams,
     ViewSpec,
@@ -17,8 +18,29 @@ from kmim.contract.views import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "ImageDecodeError", "InputRef", "ShardEntry", "ShardIndex", "StageManifest",
-    "ViewParams", "ViewSpec", "apply_view", "center_view", "decode_rgb", "feature_schema",
-    "fingerprint_inputs", "grid_size", "make_views", "normalize", "patchify", "random_view",
-    "stage_fingerprint", "to_rgb", "to_uint8_array", "token_dtype", "unpatchify",
+    "FORMAT_VERSION",
+    "STREAMS",
+    "ImageDecodeError",
+    "InputRef",
+    "ShardEntry",
+    "ShardIndex",
+    "StageManifest",
+    "Stream",
+    "ViewParams",
+    "ViewSpec",
+    "apply_view",
+    "center_view",
+    "decode_rgb",
+    "feature_schema",
+    "fingerprint_inputs",
+    "grid_size",
+    "make_views",
+    "normalize",
+    "patchify",
+    "random_view",
+    "stage_fingerprint",
+    "to_rgb",
+    "to_uint8_array",
+    "token_dtype",
+    "unpatchify",
 ]

@@ -9,8 +9,13 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm")
 
-# Decompression-bomb guard stays on, but at a size real datasets reach (the PIL default warns at 89 MP).
-Image.MAX_IMAGE_PIXELS = 300_000_000
+# Decompression-bomb guard at a size real datasets reach (the PIL default warns at 89 MP and errors at twice
+# that). kmim refuses anything above MAX_PIXELS itself, from the header, before a single pixel is decoded.
+MAX_PIXELS = 300_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# EXIF orientation is ignored, in every stage and in the trainer alike: pixels are used as stored, which is
+# what torchvision / timm loaders and WebDataset's decoders do, so tokens and training views always agree.
 
 
 class ImageDecodeError(ValueError):
@@ -38,6 +43,11 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise ImageDecodeError("empty image (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageDecodeError(
+                f"image of {img.width}x{img.height} pixels is above the {MAX_PIXELS:,}-pixel "
+                "decompression-bomb limit"
+            )
         img.load()  # decodes now, so corrupt data fails here and not in a later stage
         if img.width < 1 or img.height < 1:
             raise ImageDecodeError(f"image has no pixels ({img.width}x{img.height})")

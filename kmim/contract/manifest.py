@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 from kmim import __version__, fs
@@ -45,8 +45,28 @@ def fingerprint_inputs(inputs: list[InputRef]) -> str:
     return digest([i.identity() for i in inputs])
 
 
-def stage_fingerprint(stage: str, input_fingerprint: str, config: dict) -> str:
-    return digest({"stage": stage, "inputs": input_fingerprint, "config": config, "version": __version__})
+def stage_fingerprint(stage: str, input_fingerprint: str, config: Any) -> str:
+    """The one fingerprint of a stage's output, used by the stage itself (`claim_output`) and by `kmim run`.
+
+    `config` is a config dataclass (its `fingerprint_config`: execution-only fields left out) or the dict a
+    stage derived from one. A file is identified by its content: where a dict holds `X` and `X_sha256`, the
+    path `X` is left out (a moved weights file changes nothing, replaced bytes change everything)."""
+    from kmim.contract.config import fingerprint_config
+
+    if is_dataclass(config):
+        config = fingerprint_config(config)
+    return digest(
+        {"stage": stage, "inputs": input_fingerprint, "config": by_content(config), "version": __version__}
+    )
+
+
+def by_content(obj: Any) -> Any:
+    """`obj` without the paths of files whose sha256 sits next to them."""
+    if isinstance(obj, dict):
+        return {k: by_content(v) for k, v in obj.items() if not obj.get(f"{k}_sha256")}
+    if isinstance(obj, list):
+        return [by_content(v) for v in obj]
+    return obj
 
 
 @dataclass

@@ -57,8 +57,11 @@ class ShardIndex:
         try:
             shards = [
                 ShardEntry(
-                    url=s["url"], samples=int(s["samples"]), bytes=int(s["bytes"]),
-                    sha256=s["sha256"], split=s.get("split"),
+                    url=s["url"],
+                    samples=int(s["samples"]),
+                    bytes=int(s["bytes"]),
+                    sha256=s["sha256"],
+                    split=s.get("split"),
                 )
                 for s in d["shards"]
             ]
@@ -106,6 +109,8 @@ def safetensors_metadata(raw: bytes) -> dict[str, str]:
 
     length = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8 : 8 + length]).get("__metadata__", {}) or {}
+
+
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 CODEBOOK_META = "codebook.json"
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kmim.contract import streams
 from kmim.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,7 +84,7 @@ def key_hash(key: str) -> int:
 
 
 def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), key_hash(key), int(view)])
+    return streams.rng("view", int(seed), key_hash(key), int(view))
 
 
 def center_view(width: int, height: int, spec: ViewSpec) -> ViewParams:
@@ -130,7 +131,9 @@ def random_view(width: int, height: int, spec: ViewSpec, seed: int, key: str, vi
     return ViewParams(view=view, top=top, left=left, height=h, width=w, flip=flip, size=spec.image_size)
 
 
-def make_views(width: int, height: int, spec: ViewSpec, seed: int, key: str, num_views: int) -> list[ViewParams]:
+def make_views(
+    width: int, height: int, spec: ViewSpec, seed: int, key: str, num_views: int
+) -> list[ViewParams]:
     """View 0 (center) followed by num_views - 1 random views for one sample."""
     if num_views < 1:
         raise ConfigError(f"num_views must be >= 1, got {num_views}")

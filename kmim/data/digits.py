@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from kmim.contract import streams
+from kmim.contract.config import Config, output_field
 from kmim.contract.images import encode_png
 from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, chunked, label_bytes
 from kmim.errors import ConfigError
@@ -14,24 +16,21 @@ from kmim.progress import ProgressReporter
 
 
 @dataclass(frozen=True)
-class DigitsConfig:
-    image_size: int = 32
-    val_fraction: float = 0.2
-    seed: int = 0
-    shard_size: int = 256
+class DigitsConfig(Config):
+    image_size: int = output_field(32, help="Side of the upsampled RGB images (the digits are 8x8).", ge=8)
+    val_fraction: float = output_field(0.2, help="Share of each class held out as `val`.")
+    seed: int = output_field(0, help="Seed of the train/val split.", ge=0)
+    shard_size: int = output_field(256, help="Samples per shard.", ge=1)
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ConfigError(f"image_size must be >= 8 (the digits are 8x8), got {self.image_size}")
+        super().__post_init__()
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
 
 
 def digits_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split: per class, a seeded permutation, the first share goes to val."""
-    rng = np.random.default_rng(seed)
+    rng = streams.rng("data_split", seed)
     val = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
@@ -61,8 +60,13 @@ def write_digits(out: str, config: DigitsConfig = DigitsConfig()) -> DatasetWrit
         for split, idx in splits:
             chunks = chunked(list(idx), config.shard_size)
             samples = (
-                [(f"digits-{i:04d}", {"png": digit_png(images[i], config.image_size), "cls": label_bytes(labels[i])})
-                 for i in chunk]
+                [
+                    (
+                        f"digits-{i:04d}",
+                        {"png": digit_png(images[i], config.image_size), "cls": label_bytes(labels[i])},
+                    )
+                    for i in chunk
+                ]
                 for chunk in chunks
             )
             writer.write_split(split, samples, progress)

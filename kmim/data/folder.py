@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kmim import fs
+from kmim.contract.config import Config, output_field
 from kmim.data.reader import ReadStats, ShardRef, iter_images, open_dataset
 from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, label_bytes
 from kmim.errors import ConfigError, InputError
@@ -16,13 +17,12 @@ from kmim.progress import ProgressReporter
 
 
 @dataclass(frozen=True)
-class FolderShardConfig:
-    shard_size: int = 1000
-    split: str = "train"
+class FolderShardConfig(Config):
+    shard_size: int = output_field(1000, help="Samples per shard.", ge=1)
+    split: str = output_field("train", help="Split name used in shard names and the index.")
 
     def __post_init__(self) -> None:
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        super().__post_init__()
         if not self.split.isidentifier():
             raise ConfigError(f"split must be a plain name, got {self.split!r}")
 
@@ -46,7 +46,9 @@ def shard_folder(src: str, out: str, config: FolderShardConfig = FolderShardConf
     read = ReadStats()
     with ProgressReporter("shard", len(dataset.shards), item="images") as progress:
         writer.write_split(config.split, (_checked_samples(s, read) for s in dataset.shards), progress)
-    stats.skipped.extend(read.skipped)
-    fs.write_json_atomic(fs.join(writer.out, "classes.json"),
-                         {"classes": dataset.classes, "class_to_idx": {c: i for i, c in enumerate(dataset.classes)}})
+    stats.skipped.extend(dataset.skipped + read.skipped)
+    fs.write_json_atomic(
+        fs.join(writer.out, "classes.json"),
+        {"classes": dataset.classes, "class_to_idx": {c: i for i, c in enumerate(dataset.classes)}},
+    )
     return writer.finish()

@@ -27,6 +27,20 @@ from kmim.data.tar import split_member
 from kmim.errors import InputError, ShardReadError
 
 DEFAULT_FOLDER_SHARD_SIZE = 1000
+# The one label rule: a label is an integer in [0, MAX_CLASSES), or absent. Anything else (negative, huge,
+# not a number) is a counted skip where labels are read, never a row of a co-occurrence matrix.
+MAX_CLASSES = 65536
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why a sample key cannot become a member name of a tar we write (None: it can)."""
+    if key.startswith("/") or "\\" in key:
+        return "key is an absolute or Windows path"
+    if any(part in ("", ".", "..") for part in key.removeprefix("./").split("/")):  # `tar -C dir .` writes ./
+        return "key has an empty, '.' or '..' path component"
+    if any(ord(c) < 32 for c in key):
+        return "key holds control characters"
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,12 @@ class ShardRef:
         return bool(self.files)
 
     def input_ref(self) -> InputRef:
-        return InputRef(url=self.url if not self.is_folder else f"{self.url}#{self.name}",
-                        size=self.size or 0, sha256=self.sha256, etag=self.etag)
+        return InputRef(
+            url=self.url if not self.is_folder else f"{self.url}#{self.name}",
+            size=self.size or 0,
+            sha256=self.sha256,
+            etag=self.etag,
+        )
 
 
 @dataclass
@@ -57,6 +75,7 @@ class Dataset:
     spec: str
     shards: list[ShardRef]
     classes: list[str] | None = None
+    skipped: list[dict] = field(default_factory=list)  # found while listing (symlinks not followed)
 
     @property
     def num_samples(self) -> int | None:
@@ -97,7 +116,9 @@ class ReadStats:
 # --- listing ----------------------------------------------------------------------------------------
 
 
-def open_dataset(spec: str, *, split: str | None = None, folder_shard_size: int = DEFAULT_FOLDER_SHARD_SIZE) -> Dataset:
+def open_dataset(
+    spec: str, *, split: str | None = None, folder_shard_size: int = DEFAULT_FOLDER_SHARD_SIZE
+) -> Dataset:
     """List the shards of a dataset given in any of the supported forms."""
     spec = spec.rstrip("/") if spec not in ("/",) else spec
     if "{" in spec:
@@ -115,14 +136,19 @@ def open_dataset(spec: str, *, split: str | None = None, folder_shard_size: int 
         elif filesystem.exists(posixpath.join(path, INDEX_NAME)):
             ds = _from_index(fs.join(spec, INDEX_NAME), split)
         else:
-            tars = sorted(p for p in filesystem.glob(posixpath.join(path, "*.tar"))
-                          if not posixpath.basename(p).startswith(fs.TMP_PREFIX))
+            tars = sorted(
+                p
+                for p in filesystem.glob(posixpath.join(path, "*.tar"))
+                if not posixpath.basename(p).startswith(fs.TMP_PREFIX)
+            )
             if tars:
                 ds = Dataset(spec, [_tar_ref(fs.unstrip(filesystem, p)) for p in tars])
             else:
                 ds = _from_folder(spec, folder_shard_size)
     if not ds.shards:
-        raise InputError(spec, "empty dataset: no shards or images found" + (f" for split {split!r}" if split else ""))
+        raise InputError(
+            spec, "empty dataset: no shards or images found" + (f" for split {split!r}" if split else "")
+        )
     names = [s.name for s in ds.shards]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -142,16 +168,23 @@ def _tar_ref(url: str) -> ShardRef:
     except FileNotFoundError:
         raise InputError(url, "no such shard") from None
     etag = info.get("ETag") or info.get("etag")
-    return ShardRef(name=_shard_name(url), url=url, size=int(info["size"]),
-                    etag=str(etag).strip('"') if etag else None)
+    return ShardRef(
+        name=_shard_name(url), url=url, size=int(info["size"]), etag=str(etag).strip('"') if etag else None
+    )
 
 
 def _from_index(index_url: str, split: str | None) -> Dataset:
     index = ShardIndex.read(index_url)
     root = fs.dirname(index_url)
     refs = [
-        ShardRef(name=_shard_name(e.url), url=e.url if "://" in e.url or e.url.startswith("/") else fs.join(root, e.url),
-                 size=e.bytes, sha256=e.sha256, samples=e.samples, split=e.split)
+        ShardRef(
+            name=_shard_name(e.url),
+            url=e.url if "://" in e.url or e.url.startswith("/") else fs.join(root, e.url),
+            size=e.bytes,
+            sha256=e.sha256,
+            samples=e.samples,
+            split=e.split,
+        )
         for e in index.shards
         if split is None or e.split == split
     ]
@@ -162,10 +195,27 @@ def _from_index(index_url: str, split: str | None) -> Dataset:
 
 def _from_folder(root: str, shard_size: int) -> Dataset:
     filesystem, root_path = fs.get_fs(root)
-    found = filesystem.find(root_path, detail=True)
+    found = filesystem.find(root_path, detail=True, withdirs=True)
+    skipped, inside = [], posixpath.realpath(root_path) + "/"
+    for p, info in sorted(found.items()):  # symlinks: followed only to files inside the folder itself
+        if not info.get("islink"):
+            continue
+        target = posixpath.realpath(p)
+        if not posixpath.isfile(target) or not target.startswith(inside):
+            what = "folder" if posixpath.isdir(target) else "file"
+            skipped.append(
+                {
+                    "key": posixpath.relpath(p, root_path),
+                    "shard": root,
+                    "reason": f"symlink to a {what} outside the folder ({target}): not followed",
+                }
+            )
+            found.pop(p)
     images = sorted(
-        (p, info) for p, info in found.items()
-        if posixpath.splitext(p)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+        (p, info)
+        for p, info in found.items()
+        if info.get("type") != "directory"
+        and posixpath.splitext(p)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
         and not posixpath.basename(p).startswith((".", fs.TMP_PREFIX))
     )
     rel = [posixpath.relpath(p, root_path) for p, _ in images]
@@ -182,13 +232,22 @@ def _from_folder(root: str, shard_size: int) -> Dataset:
         chunk = images[start : start + shard_size]
         chunk_rel = rel[start : start + shard_size]
         labels = tuple(class_to_idx[r.split("/", 1)[0]] if "/" in r else None for r in chunk_rel)
-        identity = [(r, int(info["size"]), str(info.get("ETag") or info.get("mtime") or "")) for r, (_, info) in zip(chunk_rel, chunk)]
-        refs.append(ShardRef(
-            name=f"folder-{start // shard_size:06d}", url=root,
-            size=sum(int(info["size"]) for _, info in chunk), etag=digest(identity), samples=len(chunk),
-            files=tuple(fs.unstrip(filesystem, p) for p, _ in chunk), labels=labels,
-        ))
-    return Dataset(root, refs, class_names or None)
+        identity = [
+            (r, int(info["size"]), str(info.get("ETag") or info.get("mtime") or ""))
+            for r, (_, info) in zip(chunk_rel, chunk)
+        ]
+        refs.append(
+            ShardRef(
+                name=f"folder-{start // shard_size:06d}",
+                url=root,
+                size=sum(int(info["size"]) for _, info in chunk),
+                etag=digest(identity),
+                samples=len(chunk),
+                files=tuple(fs.unstrip(filesystem, p) for p, _ in chunk),
+                labels=labels,
+            )
+        )
+    return Dataset(root, refs, class_names or None, skipped)
 
 
 def folder_key(relpath: str) -> str:
@@ -203,7 +262,20 @@ def folder_key(relpath: str) -> str:
 def iter_samples(shard: ShardRef, stats: ReadStats, *, require_label: bool = False) -> Iterator[RawSample]:
     """Raw samples of one shard in stored order; unusable ones are recorded in `stats` and skipped."""
     source = _iter_folder(shard) if shard.is_folder else _iter_tar(shard)
+    seen: set[str] = set()
     for key, members in source:
+        if key in seen:  # WebDataset groups consecutive members only: a key seen before is another sample
+            stats.skip(key, shard.url, "duplicate key: an earlier sample of this shard has the same key")
+            continue
+        seen.add(key)
+        duplicated = members.pop(_DUPLICATE, None)
+        if duplicated:
+            stats.skip(key, shard.url, f"member .{duplicated.decode()} is given twice in one sample")
+            continue
+        unsafe = unsafe_key(key)
+        if unsafe:
+            stats.skip(key, shard.url, unsafe)
+            continue
         image_ext = next((ext for ext in members if ext.lower() in IMAGE_EXTENSIONS), None)
         if image_ext is None:
             stats.skip(key, shard.url, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})")
@@ -216,6 +288,9 @@ def iter_samples(shard: ShardRef, stats: ReadStats, *, require_label: bool = Fal
             except ValueError:
                 stats.skip(key, shard.url, f"label is not an integer: {raw[:20]!r}")
                 continue
+            if not 0 <= label < MAX_CLASSES:
+                stats.skip(key, shard.url, f"label {label} is outside [0, {MAX_CLASSES})")
+                continue
         elif require_label:
             stats.skip(key, shard.url, "missing label (no .cls member)")
             continue
@@ -225,8 +300,9 @@ def iter_samples(shard: ShardRef, stats: ReadStats, *, require_label: bool = Fal
         yield RawSample(key=key, image=image, ext=image_ext, label=label, shard=shard.url, extra=members)
 
 
-def iter_images(shard: ShardRef, stats: ReadStats, *, require_label: bool = False,
-                seconds: dict[str, float] | None = None) -> Iterator[tuple[RawSample, Image.Image]]:
+def iter_images(
+    shard: ShardRef, stats: ReadStats, *, require_label: bool = False, seconds: dict[str, float] | None = None
+) -> Iterator[tuple[RawSample, Image.Image]]:
     """Samples with their image decoded to RGB; samples that do not decode are skips.
 
     With `seconds`, time spent reading and decoding is added to its "read" and "decode" entries.
@@ -251,6 +327,9 @@ def iter_images(shard: ShardRef, stats: ReadStats, *, require_label: bool = Fals
         yield sample, img
 
 
+_DUPLICATE = "\x00duplicate"  # set in a sample's members when a member name repeats
+
+
 def _iter_folder(shard: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
     filesystem, root_path = fs.get_fs(shard.url)
     for url, label in zip(shard.files, shard.labels):
@@ -273,7 +352,9 @@ def _iter_tar(shard: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
     if size == 0:
         raise ShardReadError(shard.url, "empty file (0 bytes)")
     if shard.size is not None and size != shard.size:
-        raise ShardReadError(shard.url, f"size is {size} bytes but the index says {shard.size} (changed or truncated)")
+        raise ShardReadError(
+            shard.url, f"size is {size} bytes but the index says {shard.size} (changed or truncated)"
+        )
     complete = 0
     key, members = None, {}
     with filesystem.open(path, "rb") as f:
@@ -292,10 +373,14 @@ def _iter_tar(shard: ShardRef) -> Iterator[tuple[str, dict[str, bytes]]]:
                         complete += 1
                         yield key, members
                     key, members = member_key, {}
+                if ext in members:
+                    members[_DUPLICATE] = ext.encode()
                 members[ext] = data
             end = tar.offset
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ShardReadError(shard.url, f"truncated or corrupt tar after {complete} samples ({e})") from None
+            raise ShardReadError(
+                shard.url, f"truncated or corrupt tar after {complete} samples ({e})"
+            ) from None
     # tarfile stops quietly at a header cut short; the end-of-archive marker tells a complete archive.
     trailer = filesystem.cat_file(path, start=end, end=min(end + 512, size)) if end < size else b""
     if len(trailer) < 512 or trailer.count(0) != 512:

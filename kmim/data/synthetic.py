@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from kmim.contract import streams
+from kmim.contract.config import Config, output_field
 from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, chunked, label_bytes
 from kmim.errors import ConfigError
 from kmim.progress import ProgressReporter
@@ -21,32 +23,23 @@ FORMATS = {"png": "PNG", "jpg": "JPEG"}
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    num_images: int
-    image_size: int = 64
-    classes: int = 10
-    seed: int = 0
-    shard_size: int = 1000
-    format: str = "png"
-    val_fraction: float = 0.0
+class SyntheticConfig(Config):
+    num_images: int = output_field(help="Number of images.", ge=1)
+    image_size: int = output_field(64, help="Image side in pixels.", ge=4)
+    classes: int = output_field(10, help="Number of classes.", ge=1)
+    seed: int = output_field(0, help="Seed: same seed, same images.", ge=0)
+    shard_size: int = output_field(1000, help="Samples per shard.", ge=1)
+    format: str = output_field("png", help="Image encoding.", choices=tuple(sorted(FORMATS)))
+    val_fraction: float = output_field(0.0, help="Share of images written as a `val` split.")
 
     def __post_init__(self) -> None:
-        if self.num_images < 1:
-            raise ConfigError(f"num_images must be >= 1, got {self.num_images}")
-        if self.image_size < 4:
-            raise ConfigError(f"image_size must be >= 4, got {self.image_size}")
-        if self.classes < 1:
-            raise ConfigError(f"classes must be >= 1, got {self.classes}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.format not in FORMATS:
-            raise ConfigError(f"format must be one of {sorted(FORMATS)}, got {self.format!r}")
+        super().__post_init__()
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 def class_style(seed: int, label: int) -> dict:
-    rng = np.random.default_rng([seed, 1_000_003, label])
+    rng = streams.rng("synthetic_class", seed, label)
     return {
         "theta": rng.uniform(0, np.pi),
         "freq": rng.uniform(2.0, 8.0),
@@ -61,11 +54,13 @@ def synthetic_image(index: int, config: SyntheticConfig) -> tuple[np.ndarray, in
     """uint8 [S, S, 3] and its label, a pure function of (seed, index)."""
     label = index % config.classes
     style = class_style(config.seed, label)
-    rng = np.random.default_rng([config.seed, index])
+    rng = streams.rng("synthetic_image", config.seed, index)
     s = config.image_size
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float64) / s
     phase = rng.uniform(0, 2 * np.pi)
-    wave = 0.5 + 0.5 * np.sin(2 * np.pi * style["freq"] * (xx * np.cos(style["theta"]) + yy * np.sin(style["theta"])) + phase)
+    wave = 0.5 + 0.5 * np.sin(
+        2 * np.pi * style["freq"] * (xx * np.cos(style["theta"]) + yy * np.sin(style["theta"])) + phase
+    )
     img = wave[..., None] * style["color_a"] + (1 - wave[..., None]) * style["color_b"]
     for _ in range(int(rng.integers(2, 6))):
         cy, cx = rng.uniform(0.1, 0.9, 2)
@@ -75,7 +70,9 @@ def synthetic_image(index: int, config: SyntheticConfig) -> tuple[np.ndarray, in
         elif style["motif"] == 1:
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
         else:
-            mask = ((np.abs(yy - cy) < r / 3) & (np.abs(xx - cx) < r)) | ((np.abs(xx - cx) < r / 3) & (np.abs(yy - cy) < r))
+            mask = ((np.abs(yy - cy) < r / 3) & (np.abs(xx - cx) < r)) | (
+                (np.abs(xx - cx) < r / 3) & (np.abs(yy - cy) < r)
+            )
         img[mask] = style["motif_color"]
     img = img + rng.normal(0, 0.04, img.shape)
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), label
@@ -83,7 +80,9 @@ def synthetic_image(index: int, config: SyntheticConfig) -> tuple[np.ndarray, in
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format=FORMATS[fmt], **({"quality": 95} if fmt == "jpg" else {}))
+    Image.fromarray(pixels, mode="RGB").save(
+        buf, format=FORMATS[fmt], **({"quality": 95} if fmt == "jpg" else {})
+    )
     return buf.getvalue()
 
 

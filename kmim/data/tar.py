@@ -29,6 +29,8 @@ def check_key(key: str) -> None:
     base = posixpath.basename(key)
     if not key or not base or "." in base:
         raise ValueError(f"sample key {key!r} is not usable in a WebDataset tar (empty or holds a '.')")
+    if key.startswith("/") or any(part in ("", ".", "..") for part in key.removeprefix("./").split("/")):
+        raise ValueError(f"sample key {key!r} would write outside the shard's own names (absolute or '..')")
 
 
 class TarSink:

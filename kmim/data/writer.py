@@ -46,8 +46,9 @@ class ShardedDatasetWriter:
         fs.makedirs(self.out)
         fs.remove_stale_temporaries(self.out)
 
-    def write_split(self, split: str, shards: Iterable[Iterable[Sample]],
-                    progress: ProgressReporter | None = None) -> None:
+    def write_split(
+        self, split: str, shards: Iterable[Iterable[Sample]], progress: ProgressReporter | None = None
+    ) -> None:
         for n, samples in enumerate(shards):
             with write_tar_shard(fs.join(self.out, f"{split}-{n:06d}.tar"), split=split) as sink:
                 for key, members in samples:
@@ -62,13 +63,18 @@ class ShardedDatasetWriter:
         r.seconds = time.monotonic() - self._start
         splits = sorted({e.split for e in r.entries if e.split})
         stats = {
-            "command": self.command, "kmim_version": __version__, "seconds": round(r.seconds, 3),
+            "command": self.command,
+            "kmim_version": __version__,
+            "seconds": round(r.seconds, 3),
             "shards": len(r.entries),
-            "samples_per_split": {s: r.samples(s) for s in splits}, **r.stats.to_json(),
+            "samples_per_split": {s: r.samples(s) for s in splits},
+            **r.stats.to_json(),
             "samples": r.samples(),  # written shards, after the reader's own count
         }
         fs.write_json_atomic(fs.join(self.out, "_stats.json"), stats)
-        fs.write_json_atomic(fs.join(self.out, "config.json"), {"command": self.command, **asdict(self.config)})  # type: ignore[call-overload]
+        fs.write_json_atomic(
+            fs.join(self.out, "config.json"), {"command": self.command, **asdict(self.config)}
+        )  # type: ignore[call-overload]
         write_indexes(self.out, r.entries)
         return r
 
@@ -81,11 +87,14 @@ def write_indexes(out: str, entries: list[ShardEntry]) -> None:
 
 
 def summary_line(result: DatasetWriteResult) -> str:
-    per_split = ", ".join(f"{s}: {result.samples(s)}" for s in sorted({e.split for e in result.entries if e.split}))
-    return (f"wrote {result.samples()} samples in {len(result.entries)} shards ({per_split}) to {result.out} "
-            f"in {result.seconds:.1f}s; skipped {result.stats.num_skipped}")
+    per_split = ", ".join(
+        f"{s}: {result.samples(s)}" for s in sorted({e.split for e in result.entries if e.split})
+    )
+    return (
+        f"wrote {result.samples()} samples in {len(result.entries)} shards ({per_split}) to {result.out} "
+        f"in {result.seconds:.1f}s; skipped {result.stats.num_skipped}"
+    )
 
 
 def label_bytes(label: int) -> bytes:
     return str(int(label)).encode()
-

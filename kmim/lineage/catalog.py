@@ -58,11 +58,18 @@ def render_ls(entries: list[dict]) -> str:
                 used_by.setdefault(i["fingerprint"], []).append(f"{e['stage']}/{e['fingerprint'][:12]}")
     lines = []
     for e in entries:
-        inputs = ", ".join(f"{i['stage']}/{i['fingerprint'][:12]}" if "fingerprint" in i else json.dumps(i)
-                           for i in e["inputs"]) or "-"
+        inputs = (
+            ", ".join(
+                f"{i['stage']}/{i['fingerprint'][:12]}" if "fingerprint" in i else json.dumps(i)
+                for i in e["inputs"]
+            )
+            or "-"
+        )
         users = ", ".join(used_by.get(e["fingerprint"], [])) or "-"
-        lines.append(f"{e['stage']:<9} {e['fingerprint'][:12]}  {e['status']:<10} {_summary(e):<45} "
-                     f"from: {inputs}  used by: {users}  ({e['recipe']}, {e['created_at']})")
+        lines.append(
+            f"{e['stage']:<9} {e['fingerprint'][:12]}  {e['status']:<10} {_summary(e):<45} "
+            f"from: {inputs}  used by: {users}  ({e['recipe']}, {e['created_at']})"
+        )
     return "\n".join(lines) if lines else "(no artifacts)"
 
 
@@ -74,14 +81,25 @@ def show(path: str) -> dict:
 
         raise InputError(path, "no such artifact folder")
     out: dict = {"path": path}
-    for name in (LINEAGE_NAME, "manifest.json", "_stats.json", "train_summary.json", "plan.json", "report.json",
-                 "codebook.json", "_failures.json"):
+    for name in (
+        LINEAGE_NAME,
+        "manifest.json",
+        "_stats.json",
+        "train_summary.json",
+        "plan.json",
+        "report.json",
+        "codebook.json",
+        "_failures.json",
+    ):
         url = fs.join(path, name)
         if fs.exists(url):
             data = fs.read_json(url)
             if name == "manifest.json":  # the per-shard list is long: keep the totals
-                data = {**data, "outputs": f"{len(data.get('outputs', []))} shards",
-                        "inputs": f"{len(data.get('inputs', []))} inputs"}
+                data = {
+                    **data,
+                    "outputs": f"{len(data.get('outputs', []))} shards",
+                    "inputs": f"{len(data.get('inputs', []))} inputs",
+                }
                 data.get("stats", {}).pop("skipped", None)
             out[name] = data
     for protocol in ("knn", "linear", "finetune"):

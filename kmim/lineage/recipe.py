@@ -18,7 +18,7 @@ from kmim.errors import ConfigError
 from kmim.pipeline.cluster import ClusterConfig
 from kmim.pipeline.extract import ExtractConfig
 from kmim.pipeline.tokenize import TokenizeConfig
-from kmim.trainer.config import TrainConfig, build_config, apply_overrides, read_recipe
+from kmim.trainer.config import TrainConfig, apply_overrides, build_config, read_recipe
 from kmim.trainer.probe import KnnConfig, LinearConfig
 
 STAGES = ("data", "extract", "cluster", "tokenize", "train", "eval")
@@ -59,8 +59,17 @@ class PipelineRecipe:
         if run not in self.runs:
             raise ConfigError(f"{self.source}: no run {run!r} (runs: {', '.join(self.runs)})")
         raw = apply_overrides(json.loads(json.dumps(self.train_raw)), self.runs[run])
-        raw = apply_overrides(raw, [f"data.train={data_train}", f"output={output}", f"name={self.name}/{run}"])
+        raw = apply_overrides(
+            raw, [f"data.train={data_train}", f"output={output}", f"name={self.name}/{run}"]
+        )
         return build_config(TrainConfig, raw, f"{self.source}: runs.{run}")
+
+
+def _mapping(raw: dict, name: str, path: str) -> dict:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: `{name}` must be a mapping, got {value!r}")
+    return value
 
 
 def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
@@ -69,7 +78,9 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
-    data = raw.get("data") or {}
+    for name in SECTIONS[1:]:  # every section but `name` is a mapping
+        _mapping(raw, name, path)
+    data = _mapping(raw, "data", path)
     builtin = data.get("builtin")
     if builtin is not None and builtin not in BUILTINS:
         raise ConfigError(f"{path}: data.builtin must be one of {BUILTINS}, got {builtin!r}")
@@ -89,16 +100,28 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
     evals = {}
     for protocol, values in (raw.get("eval") or {}).items():
         if protocol not in EVAL_CONFIGS:
-            raise ConfigError(f"{path}: eval.{protocol}: protocols are {', '.join(EVAL_CONFIGS)} "
-                              "(fine-tuning: `kmim eval finetune` on the run folder)")
+            raise ConfigError(
+                f"{path}: eval.{protocol}: protocols are {', '.join(EVAL_CONFIGS)} "
+                "(fine-tuning: `kmim eval finetune` on the run folder)"
+            )
         evals[protocol] = build_config(EVAL_CONFIGS[protocol], values or {}, f"{path}: eval.{protocol}")
     recipe = PipelineRecipe(
-        name=str(raw.get("name") or fs.basename(path).rsplit(".", 1)[0]), source=path, builtin=builtin,
-        train_data=data.get("train"), val_data=data.get("val"),
-        digits=build_config(DigitsConfig, {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
-                      f"{path}: data"),
-        extract=section("extract", ExtractConfig), cluster=section("cluster", ClusterConfig),
-        tokenize=section("tokenize", TokenizeConfig), train_raw=raw.get("train") or {}, runs=runs, evals=evals,
+        name=str(raw.get("name") or fs.basename(path).rsplit(".", 1)[0]),
+        source=path,
+        builtin=builtin,
+        train_data=data.get("train"),
+        val_data=data.get("val"),
+        digits=build_config(
+            DigitsConfig,
+            {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
+            f"{path}: data",
+        ),
+        extract=section("extract", ExtractConfig),
+        cluster=section("cluster", ClusterConfig),
+        tokenize=section("tokenize", TokenizeConfig),
+        train_raw=_mapping(raw, "train", path),
+        runs=runs,
+        evals=evals,
         raw=raw,
     )
     for run in runs:  # every variant must build a valid training config now, not after an hour of pipeline

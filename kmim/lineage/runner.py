@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
 from kmim import __version__, fs
+from kmim.contract.config import fingerprint_config, legacy_config
 from kmim.contract.manifest import StageManifest, digest, stage_fingerprint
 from kmim.data.reader import open_dataset
 from kmim.errors import ConfigError, InputError
 from kmim.lineage.recipe import STAGES, PipelineRecipe
 from kmim.pipeline.stage import STAGE_CLAIM
+from kmim.trainer.distributed import is_main_process, relaunch_ranks, under_launcher
 
 log = logging.getLogger(__name__)
 LINEAGE_NAME = "lineage.json"
@@ -40,6 +39,9 @@ class Step:
     fingerprint: str
     status: str = "planned"  # reused | ran | resumed | skipped
     seconds: float = 0.0
+    legacy: str = (
+        ""  # the fingerprint kmim 0.1 gave this step (whole config): its folder is reused if finished
+    )
 
 
 @dataclass
@@ -58,6 +60,13 @@ class Artifact:
     stage: str
     fingerprint: str
     path: str
+    legacy: str = (
+        ""  # the fingerprint kmim 0.1 gave it (whole config, old field names): old roots stay reused
+    )
+
+    def __post_init__(self) -> None:
+        if not self.legacy:
+            object.__setattr__(self, "legacy", self.fingerprint)
 
 
 def artifact_path(root: str, stage: str, fingerprint: str) -> str:
@@ -69,11 +78,20 @@ def write_lineage(art: Artifact, recipe: PipelineRecipe, config: dict, inputs: l
     if fs.exists(url):
         return
     fs.makedirs(art.path)
-    fs.write_json_atomic(url, {
-        "stage": art.stage, "fingerprint": art.fingerprint, "path": art.path, "inputs": inputs, "config": config,
-        "kmim_version": __version__, "recipe": recipe.name, "recipe_file": recipe.source,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    fs.write_json_atomic(
+        url,
+        {
+            "stage": art.stage,
+            "fingerprint": art.fingerprint,
+            "path": art.path,
+            "inputs": inputs,
+            "config": config,
+            "kmim_version": __version__,
+            "recipe": recipe.name,
+            "recipe_file": recipe.source,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
 
 
 def _ref(art: Artifact) -> dict:
@@ -81,26 +99,38 @@ def _ref(art: Artifact) -> dict:
 
 
 class Runner:
-    def __init__(self, recipe: PipelineRecipe, root: str, stages: list[str], runs: list[str] | None,
-                 nproc: int = 1, address: str | None = None, sets: list[str] = ()):
+    def __init__(
+        self,
+        recipe: PipelineRecipe,
+        root: str,
+        stages: list[str],
+        runs: list[str] | None,
+        nproc: int = 1,
+        address: str | None = None,
+        sets: list[str] = (),
+    ):
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
         missing = [r for r in runs or [] if r not in recipe.runs]
         if missing:
-            raise ConfigError(f"{recipe.source}: no run(s) {', '.join(missing)} (runs: {', '.join(recipe.runs)})")
+            raise ConfigError(
+                f"{recipe.source}: no run(s) {', '.join(missing)} (runs: {', '.join(recipe.runs)})"
+            )
         self.recipe, self.root, self.stages = recipe, root.rstrip("/"), stages
         self.runs = runs or list(recipe.runs)
         self.nproc, self.address, self.sets = nproc, address, list(sets)
         self.report = RunReport(recipe.source, self.root)
-        self.under_torchrun = "RANK" in os.environ
-        self.is_main = int(os.environ.get("RANK", 0)) == 0
+        self.under_torchrun = (
+            under_launcher()
+        )  # torchrun or Slurm started this process as one rank of several
+        self.is_main = is_main_process()
         self._ray: contextlib.ExitStack | None = None
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
     def _begin(self, art: Artifact, name: str, config: dict, inputs: list[dict]) -> Step:
-        step = Step(art.stage, name, art.path, art.fingerprint)
+        step = Step(art.stage, name, art.path, art.fingerprint, legacy=art.legacy)
         self.report.steps.append(step)
         if art.stage in self.stages and self.is_main:
             write_lineage(art, self.recipe, config, inputs)
@@ -113,8 +143,11 @@ class Runner:
             self._say(f"{step.name}: reused {step.path}")
             return False
         if step.stage not in self.stages:
-            raise InputError(step.path, f"{step.name} is not finished and --stages does not include {step.stage}; "
-                                        "run that stage first")
+            raise InputError(
+                step.path,
+                f"{step.name} is not finished and --stages does not include {step.stage}; "
+                "run that stage first",
+            )
         return True
 
     def _say(self, text: str) -> None:
@@ -135,10 +168,13 @@ class Runner:
         """(artifact, train spec, val spec); external data is an artifact of its own identity, not a stage."""
         r = self.recipe
         if r.builtin is None:
-            ids = [[s.input_ref().identity() for s in open_dataset(spec).shards] for spec in (r.train_data, r.val_data)]
+            ids = [
+                [s.input_ref().identity() for s in open_dataset(spec).shards]
+                for spec in (r.train_data, r.val_data)
+            ]
             art = Artifact("data", digest({"train": ids[0], "val": ids[1]}), r.train_data)  # type: ignore[arg-type]
             return art, r.train_data, r.val_data  # type: ignore[return-value]
-        config = {"builtin": r.builtin, **asdict(r.digits)}
+        config = {"builtin": r.builtin, **fingerprint_config(r.digits)}
         art = Artifact("data", stage_fingerprint("data", digest(r.builtin), config), "")
         art = Artifact("data", art.fingerprint, artifact_path(self.root, "data", art.fingerprint))
         step = self._begin(art, "data", config, [{"builtin": r.builtin}])
@@ -148,10 +184,41 @@ class Runner:
             self._timed(step, False, lambda: write_digits(art.path, r.digits))
         return art, fs.join(art.path, "train.shards.json"), fs.join(art.path, "val.shards.json")
 
-    def _pipeline_stage(self, stage: str, config: dict, upstream: list[Artifact], work) -> Artifact:  # noqa: ANN001
-        fp = stage_fingerprint(stage, digest([u.fingerprint for u in upstream]), config)
-        art = Artifact(stage, fp, artifact_path(self.root, stage, fp))
-        step = self._begin(art, stage, config, [_ref(u) for u in upstream])
+    def _artifact(
+        self,
+        stage: str,
+        config: object,
+        upstream: list[Artifact],
+        done_marker: str,
+        fingerprinted: dict | None = None,
+        legacy: dict | None = None,
+    ) -> Artifact:
+        """The artifact's folder from its fingerprint (one rule: `stage_fingerprint` over the output-determining
+        config); a finished folder under the fingerprint kmim 0.1 computed (whole config) is reused as it is."""
+        fp = stage_fingerprint(
+            stage,
+            digest([u.fingerprint for u in upstream]),
+            config if fingerprinted is None else fingerprinted,
+        )
+        old = stage_fingerprint(
+            stage, digest([u.legacy for u in upstream]), legacy_config(config) if legacy is None else legacy
+        )
+        art = Artifact(stage, fp, artifact_path(self.root, stage, fp), old)
+        old_path = artifact_path(self.root, stage, old)
+        if (
+            old != fp
+            and not fs.exists(fs.join(art.path, done_marker))
+            and fs.exists(fs.join(old_path, done_marker))
+        ):
+            log.info(
+                "%s: reusing %s, made by kmim 0.1 with the same output-determining config", stage, old_path
+            )
+            return Artifact(stage, fp, old_path, old)
+        return art
+
+    def _pipeline_stage(self, stage: str, config: object, upstream: list[Artifact], work) -> Artifact:  # noqa: ANN001
+        art = self._artifact(stage, config, upstream, "manifest.json")
+        step = self._begin(art, stage, asdict(config), [_ref(u) for u in upstream])  # type: ignore[call-overload]
         manifest = StageManifest.read_if_committed(art.path) if fs.exists(art.path) else None
         if self._need(step, manifest is not None):
             resumed = fs.exists(fs.join(art.path, STAGE_CLAIM))
@@ -171,8 +238,12 @@ class Runner:
         config = probe.to_json()
         config["data"].pop("train")
         config.pop("output")
-        fp = stage_fingerprint("train", digest([source.fingerprint]), config)
-        art = Artifact("train", fp, artifact_path(self.root, "train", fp))
+        legacy = legacy_config(probe)
+        legacy["data"].pop("train")
+        legacy.pop("output")
+        art = self._artifact(
+            "train", probe, [source], "train_summary.json", fingerprint_config(probe), legacy
+        )
         step = self._begin(art, f"train/{run}", config, [_ref(source)])
         cfg = self.recipe.train_config(run, data_train, art.path)
         if self._need(step, fs.exists(fs.join(art.path, "train_summary.json"))):
@@ -188,32 +259,46 @@ class Runner:
         return art
 
     def _torchrun_train(self, run: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}", "-m",
-               "--", "kmim", "run", self.recipe.source, "--root", self.root, "--stages", "train", "--run", run]
+        args = ["run", self.recipe.source, "--root", self.root, "--stages", "train", "--run", run]
         for s in self.sets:
-            cmd += ["--set", s]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))}
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        if subprocess.call(cmd, env=env) != 0:
+            args += ["--set", s]
+        if relaunch_ranks(self.nproc, args) != 0:
             raise ConfigError(f"train/{run}: torchrun with {self.nproc} processes failed (see its log above)")
 
     def evaluate(self, run: str, art: Artifact, train_spec: str, val_spec: str) -> None:
+        from kmim.trainer.encoder import load_encoder
         from kmim.trainer.probe import evaluate
 
+        encoder_fingerprint = None  # the weights' sha256, computed once and only when a report exists
         for protocol, cfg in self.recipe.evals.items():
-            step = Step("eval", f"eval/{run}/{protocol}", fs.join(art.path, f"eval-{protocol}.json"), art.fingerprint)
+            step = Step(
+                "eval", f"eval/{run}/{protocol}", fs.join(art.path, f"eval-{protocol}.json"), art.fingerprint
+            )
             self.report.steps.append(step)
             url = step.path
-            done = fs.exists(url) and (lambda r: r["config"] == asdict(cfg) and r["train"] == train_spec
-                                       and r["val"] == val_spec)(fs.read_json(url))
+            done = False
+            if fs.exists(url):
+                old = fs.read_json(url)
+                if (
+                    old.get("config") == asdict(cfg)
+                    and old.get("train") == train_spec
+                    and old.get("val") == val_spec
+                ):
+                    encoder_fingerprint = encoder_fingerprint or load_encoder(art.path).fingerprint
+                    # a report of other weights (a checkpoint replaced in the run folder) is stale
+                    done = old.get("encoder_fingerprint") == encoder_fingerprint
             if self._need(step, done):
-                r = self._timed(step, False, lambda: evaluate(protocol, art.path, train_spec, val_spec, cfg))
+                r = self._timed(
+                    step, False, lambda p=protocol, c=cfg: evaluate(p, art.path, train_spec, val_spec, c)
+                )
                 self._say(f"{step.name}: top-1 {100 * r['top1']:.2f} %")  # type: ignore[index]
 
     def compare(self, runs: list[Artifact]) -> None:
         from kmim.trainer.compare import compare
 
-        out = artifact_path(self.root, "compare", digest([a.fingerprint for a in runs] + [sorted(self.recipe.evals)]))
+        out = artifact_path(
+            self.root, "compare", digest([a.fingerprint for a in runs] + [sorted(self.recipe.evals)])
+        )
         table, _ = compare([a.path for a in runs], out)
         self.report.compare_table = table
         self._say(table)
@@ -222,6 +307,18 @@ class Runner:
     # --- the whole recipe -------------------------------------------------------------------------
 
     def run(self) -> RunReport:
+        """The whole recipe, holding ROOT's lock: a second `kmim run` on the same root is refused, naming us."""
+        from kmim.lock import output_lock
+
+        lock = (
+            output_lock(self.root, f"kmim run {self.recipe.source}")
+            if self.is_main
+            else contextlib.nullcontext()
+        )
+        with lock:
+            return self._run()
+
+    def _run(self) -> RunReport:
         data, train_spec, val_spec = self.data()
         # e.g. `--run mae` alone: pixel targets read the images, so no stage below is needed
         tokens = self._tokens(data, train_spec) if self._needs_tokens(train_spec) else None
@@ -235,13 +332,18 @@ class Runner:
         from kmim.pipeline.tokenize import tokenize
 
         try:
-            feats = self._pipeline_stage("extract", asdict(r.extract), [data],
-                                         lambda out: extract(train_spec, out, r.extract, self.address))
-            codebook = self._pipeline_stage("cluster", asdict(r.cluster), [feats],
-                                            lambda out: cluster(feats.path, out, r.cluster, self.address))
-            return self._pipeline_stage("tokenize", asdict(r.tokenize), [data, codebook],
-                                        lambda out: tokenize(train_spec, out, codebook.path, r.tokenize,
-                                                             address=self.address))
+            feats = self._pipeline_stage(
+                "extract", r.extract, [data], lambda out: extract(train_spec, out, r.extract, self.address)
+            )
+            codebook = self._pipeline_stage(
+                "cluster", r.cluster, [feats], lambda out: cluster(feats.path, out, r.cluster, self.address)
+            )
+            return self._pipeline_stage(
+                "tokenize",
+                r.tokenize,
+                [data, codebook],
+                lambda out: tokenize(train_spec, out, codebook.path, r.tokenize, address=self.address),
+            )
         finally:
             if self._ray is not None:
                 self._ray.close()
@@ -254,7 +356,9 @@ class Runner:
         target = self.recipe.train_config(run, "<input>", "<output>").model.target
         return target != "pixel" or not train_spec.endswith(".json")
 
-    def _train_and_eval(self, tokens: Artifact | None, data: Artifact, train_spec: str, val_spec: str) -> RunReport:
+    def _train_and_eval(
+        self, tokens: Artifact | None, data: Artifact, train_spec: str, val_spec: str
+    ) -> RunReport:
         trained = []
         if "train" in self.stages or "eval" in self.stages:
             for run in self.runs:
@@ -270,11 +374,27 @@ class Runner:
     def _write_report(self) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         url = fs.join(self.root, "runs", f"{self.recipe.name}-{stamp}-{uuid.uuid4().hex[:8]}.json")
-        fs.write_json_atomic(url, {"recipe": self.recipe.source, "root": self.root, "stages": self.stages,
-                                   "runs": self.runs, "kmim_version": __version__, "recipe_config": self.recipe.raw,
-                                   "steps": [asdict(s) for s in self.report.steps]})
+        fs.write_json_atomic(
+            url,
+            {
+                "recipe": self.recipe.source,
+                "root": self.root,
+                "stages": self.stages,
+                "runs": self.runs,
+                "kmim_version": __version__,
+                "recipe_config": self.recipe.raw,
+                "steps": [asdict(s) for s in self.report.steps],
+            },
+        )
 
 
-def run_recipe(recipe: PipelineRecipe, root: str, stages: list[str] | None = None, runs: list[str] | None = None,
-               nproc: int = 1, address: str | None = None, sets: list[str] = ()) -> RunReport:
+def run_recipe(
+    recipe: PipelineRecipe,
+    root: str,
+    stages: list[str] | None = None,
+    runs: list[str] | None = None,
+    nproc: int = 1,
+    address: str | None = None,
+    sets: list[str] = (),
+) -> RunReport:
     return Runner(recipe, root, list(stages or STAGES), runs, nproc, address, sets).run()

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from kmim.contract import streams
+from kmim.contract.config import Config, output_field
 from kmim.errors import ConfigError
 from kmim.theory import graph
 from kmim.theory.closed_forms import C3, LIMIT, SERIES, Counts, Form, multi_class_forms, two_class_forms
@@ -43,17 +45,17 @@ def _is_int(v: object) -> bool:
 
 
 @dataclass(frozen=True)
-class ToyConfig:
+class ToyConfig(Config):
     """n points per class, m shared by every two classes, S classes, the tokenizer, and the Theorem 1 check
     (R random partitions, seeded). l is the number of cross-class tokens (cross only)."""
 
-    n: int = 8
-    m: int = 2
-    classes: int = 2
-    tokenizer: str = "class"
-    l: int | None = None
-    partitions: int = 200
-    seed: int = 0
+    n: int = output_field(8, help="Points per class.")
+    m: int = output_field(2, help="Points shared by every two classes (t = m/n).")
+    classes: int = output_field(2, help="Classes S (2: section 3.3; more: appendix C).")
+    tokenizer: str = output_field("class", help="mae (one token per point), class, or cross.")
+    l: int | None = output_field(None, help="Cross-class tokens (cross only; default 2).")
+    partitions: int = output_field(200, help="Random partitions for Theorem 1 (0: skip).")
+    seed: int = output_field(0, help="Seed of the random partitions.")
 
     def __post_init__(self) -> None:
         for name in ("n", "m", "classes", "partitions", "seed"):
@@ -64,18 +66,24 @@ class ToyConfig:
         if self.n < 1 or self.m < 0:
             raise ConfigError(f"need n >= 1 and m >= 0, got n={self.n}, m={self.m}")
         if self.exclusive < 1:
-            raise ConfigError(f"every class needs a point of its own: n - (classes-1)*m = {self.exclusive} "
-                              f"must be >= 1 (n={self.n}, m={self.m}, classes={self.classes})")
+            raise ConfigError(
+                f"every class needs a point of its own: n - (classes-1)*m = {self.exclusive} "
+                f"must be >= 1 (n={self.n}, m={self.m}, classes={self.classes})"
+            )
         if self.classes * self.n > MAX_POINTS:  # the t→0 checks build the same model with m = 0
-            raise ConfigError(f"classes * n = {self.classes * self.n} points is more than {MAX_POINTS} "
-                              f"(dense matrices): lower n or classes")
+            raise ConfigError(
+                f"classes * n = {self.classes * self.n} points is more than {MAX_POINTS} "
+                f"(dense matrices): lower n or classes"
+            )
         if self.partitions < 0 or self.seed < 0:
             raise ConfigError(f"partitions and seed must be >= 0, got {self.partitions} and {self.seed}")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
         if self.tokenizer == "class" and self.m % 2:
-            raise ConfigError(f"the class tokenizer gives m/2 shared points to each of the two classes "
-                              f"(paper: n_{{i,3}} = m/2), so m must be even, got m={self.m}")
+            raise ConfigError(
+                f"the class tokenizer gives m/2 shared points to each of the two classes "
+                f"(paper: n_{{i,3}} = m/2), so m must be even, got m={self.m}"
+            )
         if self.tokenizer != "cross":
             if self.l is not None:
                 has = "one token per point" if self.tokenizer == "mae" else "one token per class"
@@ -86,8 +94,10 @@ class ToyConfig:
         if not _is_int(self.l) or self.l < 1:
             raise ConfigError(f"l must be a positive integer, got {self.l!r}")
         if self.exclusive % self.l or self.m % self.l:
-            raise ConfigError(f"the cross tokenizer splits every region equally, so l={self.l} must divide "
-                              f"both n - (classes-1)*m = {self.exclusive} and m = {self.m}")
+            raise ConfigError(
+                f"the cross tokenizer splits every region equally, so l={self.l} must divide "
+                f"both n - (classes-1)*m = {self.exclusive} and m = {self.m}"
+            )
 
     @property
     def exclusive(self) -> int:
@@ -137,8 +147,10 @@ def two_class_counts(cfg: ToyConfig, tokens: np.ndarray) -> Counts:
     """n_{i,1}, n_{i,2}, n_{i,3} of section 3.3 (S = 2 only)."""
     k = int(tokens.max()) + 1
     where = regions(cfg)
-    count = {r: np.bincount([tok for tok, rr in zip(tokens, where) if rr == r], minlength=k).astype(float)
-             for r in ((0,), (1,), (0, 1))}
+    count = {
+        r: np.bincount([tok for tok, rr in zip(tokens, where) if rr == r], minlength=k).astype(float)
+        for r in ((0,), (1,), (0, 1))
+    }
     return Counts(only1=count[(0,)], only2=count[(1,)], shared=count[(0, 1)])
 
 
@@ -160,8 +172,15 @@ def measure(cfg: ToyConfig, tokens: np.ndarray | None = None) -> dict:
     alpha = graph.label_mismatch(g.aug, membership(cfg))
     intra, inter = edge_weights(cfg, g.aug)
     sum_sq = float((eig**2).sum())
-    return {"graphs": g, "eigenvalues": eig, "w_intra": intra, "w_inter": inter, "alpha": alpha,
-            "sum_sq_eig": sum_sq, "B/c": sum_sq + C3 * alpha}
+    return {
+        "graphs": g,
+        "eigenvalues": eig,
+        "w_intra": intra,
+        "w_inter": inter,
+        "alpha": alpha,
+        "sum_sq_eig": sum_sq,
+        "B/c": sum_sq + C3 * alpha,
+    }
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -190,9 +209,18 @@ def checks(cfg: ToyConfig, numeric: dict, tokens: np.ndarray) -> list[dict]:
             value = numeric[f.quantity]
         diff = rel_diff(value, f.value)
         status = "series" if f.kind == SERIES else ("DISAGREE" if diff > REL_TOL else "ok")
-        rows.append({"quantity": f.quantity, "equation": f.equation, "kind": f.kind, "numeric": value,
-                     "closed_form": f.value, "rel_diff": diff, "status": status,
-                     "note": f.note if status == "DISAGREE" else ""})
+        rows.append(
+            {
+                "quantity": f.quantity,
+                "equation": f.equation,
+                "kind": f.kind,
+                "numeric": value,
+                "closed_form": f.value,
+                "rel_diff": diff,
+                "status": status,
+                "note": f.note if status == "DISAGREE" else "",
+            }
+        )
     return rows
 
 
@@ -231,30 +259,37 @@ def theorem1(cfg: ToyConfig) -> dict:
     """
     z = membership(cfg)
     label = graph.sum_sq_and_alpha(z, cfg.n, partition(cfg, "class"))
-    rng = np.random.default_rng(cfg.seed)
+    rng = streams.rng("theorem1_partitions", cfg.seed)
     samples = []
     for _ in range(cfg.partitions):
         k = int(rng.integers(1, cfg.points + 1))
         tokens = np.unique(rng.integers(0, k, size=cfg.points), return_inverse=True)[1].reshape(-1)
         samples.append((*graph.sum_sq_and_alpha(z, cfg.n, tokens), int(tokens.max()) + 1))
     tol = TIE_TOL
-    dominating = sum(1 for s, a, _ in samples if s <= label[0] + tol and a <= label[1] + tol
-                     and (s < label[0] - tol or a < label[1] - tol))
+    dominating = sum(
+        1
+        for s, a, _ in samples
+        if s <= label[0] + tol and a <= label[1] + tol and (s < label[0] - tol or a < label[1] - tol)
+    )
     ratio = _ratio_range(label, [(s, a) for s, a, _ in samples])
 
     def point(s: float, a: float, k: int) -> dict:
         return {"tokens": k, "sum_sq_eig": s, "alpha": a, "B/c": s + C3 * a}
 
     best = min(samples, key=lambda x: x[0] + C3 * x[1]) if samples else None
-    return {"partitions": cfg.partitions, "seed": cfg.seed, "assumption_holds": cfg.m == 0,
-            "label": point(*label, cfg.classes),
-            "best_random": point(*best) if best else None,
-            "min_random_sum_sq_eig": min((s for s, _, _ in samples), default=None),
-            "min_random_alpha": min((a for _, a, _ in samples), default=None),
-            "dominating": dominating,
-            "c2_over_c1_range": None if ratio is None else _json_range(ratio),
-            "paper_constants_ok": ratio is not None and ratio[0] - 1e-12 <= C3 <= ratio[1] + 1e-12,
-            "held": dominating == 0}
+    return {
+        "partitions": cfg.partitions,
+        "seed": cfg.seed,
+        "assumption_holds": cfg.m == 0,
+        "label": point(*label, cfg.classes),
+        "best_random": point(*best) if best else None,
+        "min_random_sum_sq_eig": min((s for s, _, _ in samples), default=None),
+        "min_random_alpha": min((a for _, a, _ in samples), default=None),
+        "dominating": dominating,
+        "c2_over_c1_range": None if ratio is None else _json_range(ratio),
+        "paper_constants_ok": ratio is not None and ratio[0] - 1e-12 <= C3 <= ratio[1] + 1e-12,
+        "held": dominating == 0,
+    }
 
 
 def toy_report(cfg: ToyConfig) -> dict:
@@ -289,14 +324,28 @@ def _g(v: float | None) -> str:
 def render(report: dict) -> str:
     """The report as a plain-text table, notes for each disagreement, the spectrum and the Theorem 1 check."""
     c = report["config"]
-    header = (f"toy model: S={c['classes']} classes, n={c['n']}, m={c['m']} (t={report['t']:.4g}), "
-              f"{report['points']['total']} points, tokenizer {c['tokenizer']} ({report['tokens']} tokens)")
-    legend = (f"B/c = sum_sq_eig + {C3} alpha (eq. 20); 'fixed' rows are our corrections; "
-              f"t0 rows compare the series' constant with the model at m = 0; series rows are not checked")
+    header = (
+        f"toy model: S={c['classes']} classes, n={c['n']}, m={c['m']} (t={report['t']:.4g}), "
+        f"{report['points']['total']} points, tokenizer {c['tokenizer']} ({report['tokens']} tokens)"
+    )
+    legend = (
+        f"B/c = sum_sq_eig + {C3} alpha (eq. 20); 'fixed' rows are our corrections; "
+        f"t0 rows compare the series' constant with the model at m = 0; series rows are not checked"
+    )
     lines = [header, legend, ""]
     head = ("quantity", "eq.", "kind", "numeric", "closed form", "rel diff", "status")
-    body = [(r["quantity"], r["equation"], r["kind"], f"{r['numeric']:.10g}", f"{r['closed_form']:.10g}",
-             f"{r['rel_diff']:.2e}", r["status"]) for r in report["checks"]]
+    body = [
+        (
+            r["quantity"],
+            r["equation"],
+            r["kind"],
+            f"{r['numeric']:.10g}",
+            f"{r['closed_form']:.10g}",
+            f"{r['rel_diff']:.2e}",
+            r["status"],
+        )
+        for r in report["checks"]
+    ]
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     for row in [head, *body]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -315,16 +364,26 @@ def render(report: dict) -> str:
         upper = "inf" if rng is None or rng[1] is None else _g(rng[1])
         optimal = "no c2/c1" if rng is None else f"c2/c1 in [{_g(rng[0])}, {upper}]"
         lines += [
-            (f"Theorem 1 over {thm['partitions']} random partitions (seed {thm['seed']}); assumption "
-             f"M(x1|x2) > 0 only within a class: {assumption}"),
-            (f"  label partition: sum_sq_eig {_g(lab['sum_sq_eig'])}, alpha {_g(lab['alpha'])}, "
-             f"B/c {_g(lab['B/c'])}"),
-            (f"  best random (B/c): {best['tokens']} tokens, sum_sq_eig {_g(best['sum_sq_eig'])}, "
-             f"alpha {_g(best['alpha'])}, B/c {_g(best['B/c'])}"),
-            (f"  lowest random sum_sq_eig {_g(thm['min_random_sum_sq_eig'])}, lowest random alpha "
-             f"{_g(thm['min_random_alpha'])}"),
-            (f"  partitions better on both sum_sq_eig and alpha: {thm['dominating']}; label partition "
-             f"optimal for {optimal} (paper's 5/2: {'yes' if thm['paper_constants_ok'] else 'no'})"),
+            (
+                f"Theorem 1 over {thm['partitions']} random partitions (seed {thm['seed']}); assumption "
+                f"M(x1|x2) > 0 only within a class: {assumption}"
+            ),
+            (
+                f"  label partition: sum_sq_eig {_g(lab['sum_sq_eig'])}, alpha {_g(lab['alpha'])}, "
+                f"B/c {_g(lab['B/c'])}"
+            ),
+            (
+                f"  best random (B/c): {best['tokens']} tokens, sum_sq_eig {_g(best['sum_sq_eig'])}, "
+                f"alpha {_g(best['alpha'])}, B/c {_g(best['B/c'])}"
+            ),
+            (
+                f"  lowest random sum_sq_eig {_g(thm['min_random_sum_sq_eig'])}, lowest random alpha "
+                f"{_g(thm['min_random_alpha'])}"
+            ),
+            (
+                f"  partitions better on both sum_sq_eig and alpha: {thm['dominating']}; label partition "
+                f"optimal for {optimal} (paper's 5/2: {'yes' if thm['paper_constants_ok'] else 'no'})"
+            ),
             f"  Theorem 1 {'held' if thm['held'] else 'FAILED'}",
         ]
     lines += ["", f"{report['disagreements']} disagreement(s); {'OK' if report['ok'] else 'NOT OK'}"]

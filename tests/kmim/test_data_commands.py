@@ -30,21 +30,31 @@ def _sha(path):
 
 def test_digits_writes_1797_real_samples_readable_by_webdataset_and_tar(tmp_path):
     out = tmp_path / "d"
-    proc = subprocess.run([sys.executable, "-m", "kmim", "data", "digits", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmim", "data", "digits", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 1797 samples" in proc.stdout
     index = json.loads((out / "shards.json").read_text())
     assert index["total_samples"] == 1797
     train = sorted(out.glob("train-*.tar"))
     val = sorted(out.glob("val-*.tar"))
-    seen = [(s["__key__"], s["cls"], s["png"]) for s in wds.WebDataset([str(p) for p in train + val], shardshuffle=False).decode("pil")]
+    seen = [
+        (s["__key__"], s["cls"], s["png"])
+        for s in wds.WebDataset([str(p) for p in train + val], shardshuffle=False).decode("pil")
+    ]
     assert len(seen) == 1797 and len({k for k, _, _ in seen}) == 1797
     assert {c for _, c, _ in seen} == set(range(10))
     assert all(img.mode == "RGB" and img.size == (32, 32) for _, _, img in seen)
-    listing = subprocess.run(["tar", "-tf", str(train[0])], capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tf", str(train[0])], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert listing[:2] == ["digits-0000.png", "digits-0000.cls"]
     for entry in index["shards"]:
-        assert _sha(out / entry["url"]) == entry["sha256"] and (out / entry["url"]).stat().st_size == entry["bytes"]
+        assert (
+            _sha(out / entry["url"]) == entry["sha256"]
+            and (out / entry["url"]).stat().st_size == entry["bytes"]
+        )
     n_val = sum(e["samples"] for e in index["shards"] if e["split"] == "val")
     assert n_val == 359  # 20 % of each class, rounded per class
     assert json.loads((out / "config.json").read_text())["image_size"] == 32
@@ -106,11 +116,17 @@ def test_shard_packs_a_class_folder_with_passthrough_bytes_and_lists_corrupt_fil
 
 
 def test_bad_options_give_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kmim", "data", "digits", str(tmp_path), "--val-fraction", "1.5"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmim", "data", "digits", str(tmp_path), "--val-fraction", "1.5"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "val_fraction must be in [0, 1)" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "kmim", "data", "shard", str(tmp_path / "missing"), str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmim", "data", "shard", str(tmp_path / "missing"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "missing: no such file or directory" in proc.stderr
 
 

@@ -13,8 +13,20 @@ def _encode(img, fmt="PNG"):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
-                                      ("I;16", "PNG"), ("1", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("1", "PNG"),
+        ("RGB", "JPEG"),
+        ("RGB", "WEBP"),
+    ],
+)
 def test_every_mode_decodes_to_rgb(mode, fmt):
     img = Image.new("RGB", (9, 7), (200, 100, 50)).convert(mode) if mode != "I;16" else None
     if mode == "I;16":
@@ -37,7 +49,14 @@ def test_palette_with_transparency_decodes():
     assert decode_rgb(_encode(img)).getpixel((0, 0)) == (255, 0, 0)
 
 
-@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"not an image", "cannot decode"), (_encode(Image.new("RGB", (8, 8)))[:40], "cannot decode")])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"not an image", "cannot decode"),
+        (_encode(Image.new("RGB", (8, 8)))[:40], "cannot decode"),
+    ],
+)
 def test_undecodable_bytes_raise_a_named_reason(data, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         decode_rgb(data)

@@ -72,8 +72,15 @@ def test_image_folder_with_classes(tmp_path):
 
 
 def test_corrupt_image_is_a_counted_and_listed_skip(tmp_path):
-    _write(str(tmp_path / "a.tar"), [("ok1", {"png": _png(), "cls": b"1"}), ("bad", {"png": b"garbage", "cls": b"2"}),
-                                    ("empty", {"png": b"", "cls": b"3"}), ("ok2", {"jpg": _png(), "cls": b"0"})])
+    _write(
+        str(tmp_path / "a.tar"),
+        [
+            ("ok1", {"png": _png(), "cls": b"1"}),
+            ("bad", {"png": b"garbage", "cls": b"2"}),
+            ("empty", {"png": b"", "cls": b"3"}),
+            ("ok2", {"jpg": _png(), "cls": b"0"}),
+        ],
+    )
     stats = ReadStats()
     got = [s.key for s, img in iter_images(open_dataset(str(tmp_path)).shards[0], stats)]
     assert got == ["ok1", "ok2"]
@@ -84,8 +91,15 @@ def test_corrupt_image_is_a_counted_and_listed_skip(tmp_path):
 
 
 def test_missing_label_is_a_skip_when_labels_are_required(tmp_path):
-    _write(str(tmp_path / "a.tar"), [("x", {"png": _png(), "cls": b"1"}), ("nolabel", {"png": _png()}),
-                                    ("badlabel", {"png": _png(), "cls": b"cat"}), ("noimage", {"cls": b"1"})])
+    _write(
+        str(tmp_path / "a.tar"),
+        [
+            ("x", {"png": _png(), "cls": b"1"}),
+            ("nolabel", {"png": _png()}),
+            ("badlabel", {"png": _png(), "cls": b"cat"}),
+            ("noimage", {"cls": b"1"}),
+        ],
+    )
     shard = open_dataset(str(tmp_path)).shards[0]
     stats = ReadStats()
     assert [s.key for s in iter_samples(shard, stats)] == ["x", "nolabel"]
@@ -144,6 +158,11 @@ def test_empty_dataset_and_missing_paths_are_errors(tmp_path):
 def test_webdataset_reads_what_we_write(tmp_path):
     import webdataset as wds
 
-    _write(str(tmp_path / "a.tar"), [(f"k{i}", {"png": _png(10 * i), "cls": str(i).encode()}) for i in range(5)])
-    got = [(s["__key__"], s["cls"], s["png"].size) for s in wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False).decode("pil")]
+    _write(
+        str(tmp_path / "a.tar"), [(f"k{i}", {"png": _png(10 * i), "cls": str(i).encode()}) for i in range(5)]
+    )
+    got = [
+        (s["__key__"], s["cls"], s["png"].size)
+        for s in wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False).decode("pil")
+    ]
     assert got == [(f"k{i}", i, (6, 5)) for i in range(5)]

@@ -31,8 +31,9 @@ R2 = math.sqrt(2)
 
 
 def _close(actual, expected):
-    np.testing.assert_allclose(np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=1e-12,
-                               atol=1e-15)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=1e-12, atol=1e-15
+    )
 
 
 def _row(report_rows, quantity, equation):
@@ -161,12 +162,16 @@ def test_hand_s3_n3_m1_mae_alpha_uses_label_sets():
     _close([r["alpha"], r["w_intra"], r["w_inter"]], [1 / 9, 2 / 81, 1 / 162])
 
 
-GRID = [ToyConfig(n=n, m=m, classes=s, tokenizer=tok, l=l, partitions=0)
-        for s, n, ms in [(2, 6, (0, 2, 4)), (3, 8, (0, 2)), (4, 10, (2,))]
-        for m in ms
-        for tok, l in [("mae", None), ("class", None), ("cross", 2)]]
-GRID += [ToyConfig(n=7, m=1, tokenizer="mae", partitions=0),
-         ToyConfig(n=7, m=1, tokenizer="cross", l=1, partitions=0)]
+GRID = [
+    ToyConfig(n=n, m=m, classes=s, tokenizer=tok, l=l, partitions=0)
+    for s, n, ms in [(2, 6, (0, 2, 4)), (3, 8, (0, 2)), (4, 10, (2,))]
+    for m in ms
+    for tok, l in [("mae", None), ("class", None), ("cross", 2)]
+]
+GRID += [
+    ToyConfig(n=7, m=1, tokenizer="mae", partitions=0),
+    ToyConfig(n=7, m=1, tokenizer="cross", l=1, partitions=0),
+]
 
 
 @pytest.mark.parametrize("cfg", GRID, ids=lambda c: f"S{c.classes}-n{c.n}-m{c.m}-{c.tokenizer}")
@@ -211,8 +216,11 @@ def test_numerics_are_consistent():
 
 
 def test_theorem1_holds_and_is_reproducible():
-    for cfg in (ToyConfig(partitions=60), ToyConfig(m=0, partitions=60),
-                ToyConfig(n=9, m=2, classes=3, partitions=60)):
+    for cfg in (
+        ToyConfig(partitions=60),
+        ToyConfig(m=0, partitions=60),
+        ToyConfig(n=9, m=2, classes=3, partitions=60),
+    ):
         thm = theorem1(cfg)
         assert thm["held"] and thm["dominating"] == 0
         assert thm["min_random_sum_sq_eig"] >= 1 - 1e-12  # the top eigenvalue is always 1
@@ -230,22 +238,25 @@ def test_ratio_range():
     assert _ratio_range((1.0, 0.2), [(1.2, 0.1), (0.9, 0.3)]) == pytest.approx((1.0, 2.0))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"classes": 1}, "classes"),
-    ({"n": 0}, "n >= 1"),
-    ({"m": -1}, "m >= 0"),
-    ({"n": 4, "m": 4}, "point of its own"),
-    ({"n": 5, "m": 2, "classes": 4}, "point of its own"),
-    ({"tokenizer": "bpe"}, "tokenizer"),
-    ({"m": 1}, "even"),
-    ({"tokenizer": "mae", "l": 2}, "only applies"),
-    ({"tokenizer": "cross", "n": 9, "m": 2, "l": 2}, "divide"),
-    ({"tokenizer": "cross", "l": 0}, "positive"),
-    ({"partitions": -1}, ">= 0"),
-    ({"n": 1500}, "dense"),
-    ({"n": True}, "integer"),
-    ({"n": 8.0}, "integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"classes": 1}, "classes"),
+        ({"n": 0}, "n >= 1"),
+        ({"m": -1}, "m >= 0"),
+        ({"n": 4, "m": 4}, "point of its own"),
+        ({"n": 5, "m": 2, "classes": 4}, "point of its own"),
+        ({"tokenizer": "bpe"}, "tokenizer"),
+        ({"m": 1}, "even"),
+        ({"tokenizer": "mae", "l": 2}, "only applies"),
+        ({"tokenizer": "cross", "n": 9, "m": 2, "l": 2}, "divide"),
+        ({"tokenizer": "cross", "l": 0}, "positive"),
+        ({"partitions": -1}, ">= 0"),
+        ({"n": 1500}, "dense"),
+        ({"n": True}, "integer"),
+        ({"n": 8.0}, "integer"),
+    ],
+)
 def test_bad_configs_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ToyConfig(**kwargs)
@@ -265,8 +276,9 @@ def test_report_is_json_and_renders():
 def test_cli_writes_json_and_exits_by_agreement(tmp_path):
     runner = CliRunner()
     out = tmp_path / "toy.json"
-    result = runner.invoke(theory_app, ["toy", "--n", "6", "--m", "2", "--partitions", "20",
-                                        "--json", str(out)])
+    result = runner.invoke(
+        theory_app, ["toy", "--n", "6", "--m", "2", "--partitions", "20", "--json", str(out)]
+    )
     assert result.exit_code == 1, result.output  # eqs. 18, 24 and 29 disagree for the class tokenizer
     assert "DISAGREE" in result.output
     report = json.loads(out.read_text())

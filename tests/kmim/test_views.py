@@ -7,7 +7,14 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from kmim.contract.views import (
-    ViewParams, ViewSpec, apply_view, center_view, make_views, normalize, random_view, to_uint8_array,
+    ViewParams,
+    ViewSpec,
+    apply_view,
+    center_view,
+    make_views,
+    normalize,
+    random_view,
+    to_uint8_array,
 )
 from kmim.errors import ConfigError
 
@@ -30,7 +37,10 @@ def test_random_views_are_seeded_by_seed_key_and_view():
     spec = ViewSpec(image_size=16)
     a = random_view(100, 80, spec, seed=1, key="k", view=3)
     assert a == random_view(100, 80, spec, seed=1, key="k", view=3)
-    others = {random_view(100, 80, spec, seed=s, key=k, view=v) for s, k, v in [(2, "k", 3), (1, "j", 3), (1, "k", 4)]}
+    others = {
+        random_view(100, 80, spec, seed=s, key=k, view=v)
+        for s, k, v in [(2, "k", 3), (1, "j", 3), (1, "k", 4)]
+    }
     assert a not in others and len(others) == 3
 
 
@@ -74,10 +84,14 @@ def test_normalize_is_imagenet_normalization_channels_first():
     x = torch.full((2, 4, 4, 3), 255, dtype=torch.uint8)
     y = normalize(x)
     assert y.shape == (2, 3, 4, 4)
-    assert torch.allclose(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    assert torch.allclose(
+        y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    )
 
 
-@pytest.mark.parametrize("bad", [dict(image_size=0), dict(crop_pct=1.5), dict(scale=(0.5, 0.2)), dict(ratio=(0, 1)), dict(hflip=2)])
+@pytest.mark.parametrize(
+    "bad", [dict(image_size=0), dict(crop_pct=1.5), dict(scale=(0.5, 0.2)), dict(ratio=(0, 1)), dict(hflip=2)]
+)
 def test_view_spec_validates_on_construction(bad):
     with pytest.raises(ConfigError):
         ViewSpec(**bad)

@@ -76,9 +76,11 @@ def test_killing_the_driver_mid_stage_then_rerunning_gives_the_uninterrupted_art
 
     root = tmp_path / "drilled"
     env = {**os.environ, "RAY_TMPDIR": f"/tmp/rd{os.getpid()}", "RAY_ADDRESS": ""}
-    drills = [("extract", lambda: _has(root, "extract", "*_stats.json", 2)),
-              ("cluster", lambda: _epochs_done(root) >= 3),
-              ("tokenize", lambda: _has(root, "tokenize", "*_stats.json", 2))]
+    drills = [
+        ("extract", lambda: _has(root, "extract", "*_stats.json", 2)),
+        ("cluster", lambda: _epochs_done(root) >= 3),
+        ("tokenize", lambda: _has(root, "tokenize", "*_stats.json", 2)),
+    ]
     for stage, ready in drills:
         killed = _kill_when(_run_cmd(root), env, ready, tmp_path / f"kill-{stage}.log")
         assert killed, f"the run ended before the {stage} drill could kill it"
@@ -92,7 +94,10 @@ def test_killing_the_driver_mid_stage_then_rerunning_gives_the_uninterrupted_art
     # each stage went on from where it was killed: the run after each kill resumed it
     assert "extract: resuming" in (tmp_path / "kill-cluster.log").read_text()
     assert 3 <= epochs_at_kill < 40
-    assert f"cluster: resuming after epoch {epochs_at_kill} of 40" in (tmp_path / "kill-tokenize.log").read_text()
+    assert (
+        f"cluster: resuming after epoch {epochs_at_kill} of 40"
+        in (tmp_path / "kill-tokenize.log").read_text()
+    )
     extract_stats = json.loads((_stage_dir(root, "extract") / "manifest.json").read_text())["stats"]
     tokenize_stats = json.loads((_stage_dir(root, "tokenize") / "manifest.json").read_text())["stats"]
     assert extract_stats["shards_reused"] >= 2 and tokenize_stats["shards_reused"] >= 2
@@ -102,9 +107,12 @@ def test_killing_the_driver_mid_stage_then_rerunning_gives_the_uninterrupted_art
         assert _stage_dir(root, stage).name == _stage_dir(reference, stage).name  # same content-derived path
         got, want = _outputs(root, stage), _outputs(reference, stage)
         assert got == want, stage  # every shard: same samples, bytes and sha256; none lost, none doubled
-    assert (_stage_dir(root, "cluster") / "codebook.safetensors").read_bytes() == \
-           (_stage_dir(reference, "cluster") / "codebook.safetensors").read_bytes()
-    meta, ref_meta = (json.loads((_stage_dir(r, "cluster") / "codebook.json").read_text()) for r in (root, reference))
+    assert (_stage_dir(root, "cluster") / "codebook.safetensors").read_bytes() == (
+        _stage_dir(reference, "cluster") / "codebook.safetensors"
+    ).read_bytes()
+    meta, ref_meta = (
+        json.loads((_stage_dir(r, "cluster") / "codebook.json").read_text()) for r in (root, reference)
+    )
     assert meta["inertia_per_epoch"] == ref_meta["inertia_per_epoch"] and len(meta["inertia_per_epoch"]) == 40
     samples = sum(o["samples"] for o in _outputs(root, "tokenize")[0])
     assert samples == 1438
@@ -130,8 +138,23 @@ def test_a_killed_ray_worker_does_not_fail_the_stage(digits_dir, tmp_path):
     out = tmp_path / "features"
     ray_tmp = f"/tmp/rw{os.getpid()}"
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-m", "kmim", "pipeline", "extract", str(digits_dir / "train.shards.json"), str(out),
-           "--extractor", "timm:test_vit", "--image-size", "48", "--patch-size", "16", "--batch-size", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kmim",
+        "pipeline",
+        "extract",
+        str(digits_dir / "train.shards.json"),
+        str(out),
+        "--extractor",
+        "timm:test_vit",
+        "--image-size",
+        "48",
+        "--patch-size",
+        "16",
+        "--batch-size",
+        "16",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
     try:

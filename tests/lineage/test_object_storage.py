@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 RECIPE = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits.yaml")
-SMALL = ["data.shard_size=256", "cluster.epochs=2", "train.optim.epochs=1", "train.data.samples_per_epoch=256",
-         "train.checkpoint.every_steps=2", "eval.linear.epochs=2"]
+SMALL = [
+    "data.shard_size=256",
+    "cluster.epochs=2",
+    "train.optim.epochs=1",
+    "train.data.samples_per_epoch=256",
+    "train.checkpoint.every_steps=2",
+    "eval.linear.epochs=2",
+]
 
 
 @pytest.fixture()
@@ -22,9 +28,15 @@ def s3_env():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}", "RAY_ADDRESS": "",
-           "RAY_TMPDIR": f"/tmp/rs{os.getpid()}"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "RAY_ADDRESS": "",
+        "RAY_TMPDIR": f"/tmp/rs{os.getpid()}",
+    }
     try:
         yield env
     finally:
@@ -33,7 +45,9 @@ def s3_env():
 
 
 def _kmim(env, *args):
-    return subprocess.run([sys.executable, "-m", "kmim", *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "kmim", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from kmim import fs
+from kmim.contract.config import fingerprint_config
 from kmim.contract.manifest import InputRef, StageManifest
-from kmim.extractors import ExtractorSpec
 from kmim.pipeline.extract import ExtractConfig, FeatureShardWriter
 
 
@@ -21,9 +21,14 @@ def write_feature_set(out: str, parts: list[np.ndarray], dtype: str = "float32")
                 keys = [f"p{i}-{j}" for j in range(len(x))]
                 writer.write(keys, [None] * len(x), [np.array([0])] * len(x), [row[None] for row in x])
             writer.close()
-        outputs.append({"shard": name, "url": name, "rows": len(x), "bytes": sink.nbytes, "sha256": sink.hexdigest()})
-    spec = ExtractorSpec("pixel", 32, 4)
-    m = StageManifest.build("extract", config.output_config(spec), [InputRef(f"in-{i}.tar", 1, sha256=str(i)) for i in range(len(parts))])
+        outputs.append(
+            {"shard": name, "url": name, "rows": len(x), "bytes": sink.nbytes, "sha256": sink.hexdigest()}
+        )
+    m = StageManifest.build(
+        "extract",
+        fingerprint_config(config),
+        [InputRef(f"in-{i}.tar", 1, sha256=str(i)) for i in range(len(parts))],
+    )
     m.outputs = outputs
     m.write(out)
     return out

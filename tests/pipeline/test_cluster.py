@@ -33,16 +33,23 @@ def test_recovers_the_true_centers_of_separated_blobs(blob_features, tmp_path, i
     else:
         assert _match(centers, TRUE).max() < 0.1
         assert sorted(meta["cluster_sizes"]) == [400] * 5
-    assert meta["k"] == 5 and meta["dim"] == 4 and meta["epochs_run"] == 15 and len(meta["seconds_per_epoch"]) == 15
+    assert (
+        meta["k"] == 5
+        and meta["dim"] == 4
+        and meta["epochs_run"] == 15
+        and len(meta["seconds_per_epoch"]) == 15
+    )
     assert meta["extractor"]["name"] == "pixel" and meta["view"]["patch_size"] == 4
-    assert result.manifest.stats["points"] == 2000 and not (tmp_path / "c" / "_checkpoint.safetensors").exists()
+    assert (
+        result.manifest.stats["points"] == 2000 and not (tmp_path / "c" / "_checkpoint.safetensors").exists()
+    )
 
 
 def test_same_seed_same_codebook_and_two_workers_equal_one(blob_features, tmp_path):
     feats, _ = blob_features
     runs = {}
     for name, workers, seed in [("a", 1, 0), ("b", 1, 0), ("c", 2, 0), ("d", 2, 1)]:
-        cluster(feats, str(tmp_path / name), ClusterConfig(k=8, epochs=6, seed=seed, num_workers=workers))
+        cluster(feats, str(tmp_path / name), ClusterConfig(k=8, epochs=6, seed=seed, ray_workers=workers))
         runs[name] = load_codebook(str(tmp_path / name))
     assert np.array_equal(runs["a"][0], runs["b"][0])
     assert runs["a"][1]["workers"] == 1 and runs["c"][1]["workers"] == 2
@@ -54,15 +61,23 @@ def test_same_seed_same_codebook_and_two_workers_equal_one(blob_features, tmp_pa
 def test_parallel_init_does_not_depend_on_the_number_of_workers(blob_features, tmp_path):
     feats, _ = blob_features
     for name, workers in [("one", 1), ("two", 2)]:
-        cluster(feats, str(tmp_path / name), ClusterConfig(k=5, epochs=1, init="kmeans-parallel", num_workers=workers))
-    np.testing.assert_allclose(load_codebook(str(tmp_path / "one"))[0], load_codebook(str(tmp_path / "two"))[0], rtol=1e-5)
+        cluster(
+            feats,
+            str(tmp_path / name),
+            ClusterConfig(k=5, epochs=1, init="kmeans-parallel", ray_workers=workers),
+        )
+    np.testing.assert_allclose(
+        load_codebook(str(tmp_path / "one"))[0], load_codebook(str(tmp_path / "two"))[0], rtol=1e-5
+    )
 
 
 def test_streamed_equals_in_memory(blob_features, tmp_path):
     feats, _ = blob_features
     cluster(feats, str(tmp_path / "mem"), ClusterConfig(k=5, epochs=4))
     cluster(feats, str(tmp_path / "stream"), ClusterConfig(k=5, epochs=4, memory_per_worker_gb=0.0))
-    np.testing.assert_allclose(load_codebook(str(tmp_path / "mem"))[0], load_codebook(str(tmp_path / "stream"))[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        load_codebook(str(tmp_path / "mem"))[0], load_codebook(str(tmp_path / "stream"))[0], rtol=1e-6
+    )
 
 
 def test_spherical_and_minibatch(blob_features, tmp_path):
@@ -88,7 +103,9 @@ def test_init_from_given_centers(blob_features, tmp_path):
 
     feats, _ = blob_features
     save_file({"centers": TRUE + 0.3}, str(tmp_path / "init.safetensors"))
-    cluster(feats, str(tmp_path / "c"), ClusterConfig(k=5, epochs=2, init_from=str(tmp_path / "init.safetensors")))
+    cluster(
+        feats, str(tmp_path / "c"), ClusterConfig(k=5, epochs=2, init_from=str(tmp_path / "init.safetensors"))
+    )
     centers, meta = load_codebook(str(tmp_path / "c"))
     assert _match(centers, TRUE).max() < 0.1 and meta["init"].startswith("from ")
     with pytest.raises(InputError, match=r"expected \(6, 4\)"):
@@ -106,18 +123,27 @@ def test_bad_inputs_are_clear_errors_before_any_work(tmp_path):
     good = np.ones((10, 3), np.float32)
     nan = good.copy()
     nan[7, 1] = np.nan
-    with pytest.raises(InputError, match=r"part-000001\.parquet: 1 feature vectors hold NaN or Inf \(first at row 7\)"):
-        cluster(write_feature_set(str(tmp_path / "nan"), [good, nan]), str(tmp_path / "o1"), ClusterConfig(k=2))
+    with pytest.raises(
+        InputError, match=r"part-000001\.parquet: 1 feature vectors hold NaN or Inf \(first at row 7\)"
+    ):
+        cluster(
+            write_feature_set(str(tmp_path / "nan"), [good, nan]), str(tmp_path / "o1"), ClusterConfig(k=2)
+        )
     with pytest.raises(InputError, match="k = 30 is larger than the number of feature vectors"):
-        cluster(write_feature_set(str(tmp_path / "few"), [good, good]), str(tmp_path / "o2"), ClusterConfig(k=30))
+        cluster(
+            write_feature_set(str(tmp_path / "few"), [good, good]), str(tmp_path / "o2"), ClusterConfig(k=30)
+        )
     mixed = write_feature_set(str(tmp_path / "mixed"), [good, np.ones((4, 5), np.float32)])
     with pytest.raises(InputError, match="mixed feature dims"):
         cluster(mixed, str(tmp_path / "o3"), ClusterConfig(k=2))
     with pytest.raises(InputError, match="empty feature set"):
-        cluster(write_feature_set(str(tmp_path / "empty"), [np.zeros((0, 3), np.float32)]), str(tmp_path / "o4"), ClusterConfig(k=2))
+        cluster(
+            write_feature_set(str(tmp_path / "empty"), [np.zeros((0, 3), np.float32)]),
+            str(tmp_path / "o4"),
+            ClusterConfig(k=2),
+        )
     with pytest.raises(InputError, match="not a finished `kmim pipeline extract` output"):
         cluster(str(tmp_path), str(tmp_path / "o5"), ClusterConfig(k=2))
     with pytest.raises(ConfigError):
         ClusterConfig(k=2, init="kmedoids")
     assert not any((tmp_path / o / "codebook.json").exists() for o in ("o1", "o2", "o3", "o4"))
-

@@ -40,7 +40,9 @@ def test_pixel_features_are_patchify_of_view0(digits_dir, tmp_path):
     config = ExtractConfig(image_size=32, patch_size=4, dtype="float32", batch_size=100)
     result = extract(str(digits_dir), str(out), config)
     m = result.manifest
-    assert result.ran and m.stats["samples"] == 1797 and m.stats["patches"] == 1797 * 64 and m.stats["dim"] == 48
+    assert (
+        result.ran and m.stats["samples"] == 1797 and m.stats["patches"] == 1797 * 64 and m.stats["dim"] == 48
+    )
     assert len(m.outputs) == 8 and (out / "manifest.json").exists()
     table = pq.read_table(out / "val-000001.parquet")
     assert table.num_rows == 103 * 64
@@ -84,7 +86,9 @@ def test_patch_sample_and_float16(synthetic_dir, tmp_path):
     assert all(len(v) == 5 and v == sorted(v) and len(set(v)) == 5 for v in per_key.values())
     assert len({tuple(v) for v in per_key.values()}) > 1  # sampled per image, not one fixed subset
     extract(str(synthetic_dir), str(tmp_path / "b"), config)
-    assert (tmp_path / "a" / "train-000000.parquet").read_bytes() == (tmp_path / "b" / "train-000000.parquet").read_bytes()
+    assert (tmp_path / "a" / "train-000000.parquet").read_bytes() == (
+        tmp_path / "b" / "train-000000.parquet"
+    ).read_bytes()
 
 
 def test_timm_tiny_vit_features_match_a_direct_forward(synthetic_dir, tmp_path):
@@ -92,7 +96,9 @@ def test_timm_tiny_vit_features_match_a_direct_forward(synthetic_dir, tmp_path):
     model = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32).eval()
     weights = tmp_path / "test_vit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    config = ExtractConfig(extractor="timm:test_vit", weights=str(weights), image_size=32, patch_size=16, dtype="float32")
+    config = ExtractConfig(
+        extractor="timm:test_vit", weights=str(weights), image_size=32, patch_size=16, dtype="float32"
+    )
     m = extract(str(synthetic_dir / "train-000002.tar"), str(tmp_path / "f"), config).manifest
     assert m.stats["dim"] == 64 and m.stats["patches"] == 15 * 4
     assert m.config["extractor"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -108,13 +114,21 @@ def test_timm_tiny_vit_features_match_a_direct_forward(synthetic_dir, tmp_path):
 def test_pth_weights_load_with_weights_only_and_mismatch_is_an_error(tmp_path, synthetic_dir):
     model = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
     torch.save({"model": model.state_dict()}, tmp_path / "ok.pth")
-    m = extract(str(synthetic_dir / "train-000000.tar"), str(tmp_path / "a"),
-                ExtractConfig(extractor="timm:test_vit", weights=str(tmp_path / "ok.pth"), image_size=32)).manifest
+    m = extract(
+        str(synthetic_dir / "train-000000.tar"),
+        str(tmp_path / "a"),
+        ExtractConfig(extractor="timm:test_vit", weights=str(tmp_path / "ok.pth"), image_size=32),
+    ).manifest
     assert m.stats["samples"] == 15
     torch.save({"model": {"blocks.0.norm1.weight": torch.ones(3)}}, tmp_path / "bad.pth")
     with pytest.raises(StageFailed, match="weights do not fit"):
-        extract(str(synthetic_dir / "train-000000.tar"), str(tmp_path / "b"),
-                ExtractConfig(extractor="timm:test_vit", weights=str(tmp_path / "bad.pth"), image_size=32, max_retries=0))
+        extract(
+            str(synthetic_dir / "train-000000.tar"),
+            str(tmp_path / "b"),
+            ExtractConfig(
+                extractor="timm:test_vit", weights=str(tmp_path / "bad.pth"), image_size=32, max_retries=0
+            ),
+        )
 
 
 def _png(v):
@@ -138,5 +152,6 @@ def test_corrupt_samples_are_counted_and_a_broken_shard_is_retried_then_reported
         extract(str(data), str(tmp_path / "g"), ExtractConfig(image_size=16, patch_size=8, max_retries=1))
     failures = json.loads((tmp_path / "g" / "_failures.json").read_text())
     assert list(failures) == ["cut-000000"]
-    assert (tmp_path / "g" / "good-000000_stats.json").exists() and not (tmp_path / "g" / "manifest.json").exists()
-
+    assert (tmp_path / "g" / "good-000000_stats.json").exists() and not (
+        tmp_path / "g" / "manifest.json"
+    ).exists()

@@ -29,12 +29,19 @@ def test_lloyd_update_means_and_splits_the_largest_for_empty_clusters():
     new, reseeds = lloyd_update(sums, counts, old, np.random.default_rng(0), spherical=False)
     assert reseeds == 1
     assert np.allclose(new[2], [3, 3])
-    assert np.allclose((new[0] + new[1]) / 2, [1, 2]) and not np.allclose(new[0], new[1])  # split around the mean
+    assert np.allclose((new[0] + new[1]) / 2, [1, 2]) and not np.allclose(
+        new[0], new[1]
+    )  # split around the mean
 
 
 def test_spherical_update_returns_unit_centers():
-    new, _ = lloyd_update(np.array([[3.0, 4.0], [0.0, 2.0]]), np.array([1, 2]), np.zeros((2, 2), np.float32),
-                          np.random.default_rng(0), spherical=True)
+    new, _ = lloyd_update(
+        np.array([[3.0, 4.0], [0.0, 2.0]]),
+        np.array([1, 2]),
+        np.zeros((2, 2), np.float32),
+        np.random.default_rng(0),
+        spherical=True,
+    )
     assert np.allclose(np.linalg.norm(new, axis=1), 1)
 
 

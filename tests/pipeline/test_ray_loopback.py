@@ -48,6 +48,8 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
             continue
         for link in links:
             if link.startswith("socket:[") and link[8:-1] in listening:
-                seen[(pid, (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]).decode())] = listening[link[8:-1]]
+                seen[(pid, (Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]).decode())] = listening[
+                    link[8:-1]
+                ]
     assert len(seen) >= 3, seen  # GCS, raylet and workers at least
     assert {addr for addr in seen.values()} <= LOOPBACK, {k: v for k, v in seen.items() if v not in LOOPBACK}

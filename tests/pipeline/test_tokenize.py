@@ -30,8 +30,11 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 @pytest.fixture(scope="module")
 def digits_codebook(digits_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("digits_codebook")
-    extract(str(digits_dir / "train.shards.json"), str(root / "features"),
-            ExtractConfig(image_size=32, patch_size=8, patches_per_image=8, dtype="float32"))
+    extract(
+        str(digits_dir / "train.shards.json"),
+        str(root / "features"),
+        ExtractConfig(image_size=32, patch_size=8, patches_per_image=8, dtype="float32"),
+    )
     cluster(str(root / "features"), str(root / "codebook"), ClusterConfig(k=16, epochs=3))
     return root / "codebook"
 
@@ -47,7 +50,9 @@ def _members(tar_path):
 
 def test_tokens_equal_a_direct_recompute_for_every_sample(digits_dir, digits_codebook, tmp_path):
     out = tmp_path / "tokens"
-    result = tokenize(str(digits_dir / "val-000001.tar"), str(out), str(digits_codebook), TokenizeConfig(views=3, seed=4))
+    result = tokenize(
+        str(digits_dir / "val-000001.tar"), str(out), str(digits_codebook), TokenizeConfig(views=3, seed=4)
+    )
     assert result.ran and result.manifest.stats["samples"] == 103
     centers, meta = load_codebook(str(digits_codebook))
     source = _members(digits_dir / "val-000001.tar")
@@ -76,19 +81,43 @@ def test_shards_index_manifest_and_report(digits_dir, digits_codebook, tmp_path)
     index = json.loads((out / "shards.json").read_text())
     assert index["total_samples"] == 1797 and {s["split"] for s in index["shards"]} == {"train", "val"}
     assert json.loads((out / "val.shards.json").read_text())["total_samples"] == 359
-    assert m.config["k"] == 16 and m.config["views"] == 2 and m.config["patch_size"] == 8 and m.config["image_size"] == 32
-    assert m.config["codebook_fingerprint"] == json.loads((digits_codebook / "manifest.json").read_text())["fingerprint"]
+    assert (
+        m.config["k"] == 16
+        and m.config["views"] == 2
+        and m.config["patch_size"] == 8
+        and m.config["image_size"] == 32
+    )
+    assert (
+        m.config["codebook_fingerprint"]
+        == json.loads((digits_codebook / "manifest.json").read_text())["fingerprint"]
+    )
     report = json.loads((out / "report.json").read_text())
     cooc = np.load(out / "tcas_R.npy", allow_pickle=False)
     assert cooc.shape == (16, 10) and cooc.sum() == 1797 * 16  # view 0: every patch of every labelled image
     assert report["tcas"]["tcas"] == pytest.approx(tcas(cooc)["tcas"]) and 0 < report["tcas"]["tcas"] < 1
     assert report["usage"]["used_codes"] + report["usage"]["dead_codes"] == 16
-    seen = [(s["__key__"], s["tokens.npy"].shape) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False).decode()]
+    seen = [
+        (s["__key__"], s["tokens.npy"].shape)
+        for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False).decode()
+    ]
     assert len(seen) == 256 and seen[0][1] == (2, 4, 4)
     # eval tcas: the same report for the same codebook, no shards written
-    cli = CliRunner().invoke(app, ["eval", "tcas", str(digits_dir), "--codebook", str(digits_codebook), "--output", str(tmp_path / "t.json")])
+    cli = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "tcas",
+            str(digits_dir),
+            "--codebook",
+            str(digits_codebook),
+            "--output",
+            str(tmp_path / "t.json"),
+        ],
+    )
     assert cli.exit_code == 0, cli.output
-    assert json.loads((tmp_path / "t.json").read_text())["tcas"]["tcas"] == pytest.approx(report["tcas"]["tcas"])
+    assert json.loads((tmp_path / "t.json").read_text())["tcas"]["tcas"] == pytest.approx(
+        report["tcas"]["tcas"]
+    )
     assert not list(tmp_path.glob("t.json.*"))
 
 
@@ -125,15 +154,30 @@ def test_codebook_extractor_mismatch_is_refused(synthetic_dir, tmp_path):
     other = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"))
     data = str(synthetic_dir / "train-000000.tar")
-    extract(data, str(tmp_path / "f"), ExtractConfig(extractor="timm:test_vit", weights=str(tmp_path / "w.safetensors"),
-                                                     image_size=32, patch_size=16))
+    extract(
+        data,
+        str(tmp_path / "f"),
+        ExtractConfig(
+            extractor="timm:test_vit", weights=str(tmp_path / "w.safetensors"), image_size=32, patch_size=16
+        ),
+    )
     cluster(str(tmp_path / "f"), str(tmp_path / "cb"), ClusterConfig(k=4, epochs=2))
     with pytest.raises(InputError, match="is not the weights file this codebook was built with"):
-        tokenize(data, str(tmp_path / "t1"), str(tmp_path / "cb"), TokenizeConfig(weights=str(tmp_path / "other.safetensors")))
+        tokenize(
+            data,
+            str(tmp_path / "t1"),
+            str(tmp_path / "cb"),
+            TokenizeConfig(weights=str(tmp_path / "other.safetensors")),
+        )
     os.rename(tmp_path / "w.safetensors", tmp_path / "moved.safetensors")
     with pytest.raises(InputError, match="pass the same file with --weights"):
         tokenize(data, str(tmp_path / "t2"), str(tmp_path / "cb"))
-    m = tokenize(data, str(tmp_path / "t3"), str(tmp_path / "cb"), TokenizeConfig(weights=str(tmp_path / "moved.safetensors"))).manifest
+    m = tokenize(
+        data,
+        str(tmp_path / "t3"),
+        str(tmp_path / "cb"),
+        TokenizeConfig(weights=str(tmp_path / "moved.safetensors")),
+    ).manifest
     assert m.stats["samples"] == 15
     with pytest.raises(InputError, match="not a finished `kmim pipeline cluster` output"):
         tokenize(data, str(tmp_path / "t4"), str(tmp_path / "f"))
@@ -150,4 +194,3 @@ def test_corrupt_inputs_are_counted_and_unlabelled_data_has_no_tcas(digits_codeb
     assert m.stats["tcas"] is None
     with pytest.raises(InputError, match="has no labels"):
         tcas_report(str(tmp_path / "in"), str(digits_codebook))
-

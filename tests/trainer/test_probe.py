@@ -7,10 +7,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
-
-from PIL import Image
 
 from kmim.cli import app
 from kmim.data.tar import write_tar_shard
@@ -32,7 +31,9 @@ def test_probes_on_features_that_carry_the_label_exceed_95_percent():
     assert linear_probe(tx, ty, vx, vy, 10, LinearConfig(optimizer="lars", blr=10.0))["top1"] > 0.95
     assert knn_classify(tx, ty, vx, vy, 10, KnnConfig())["top1"] > 0.95
     shuffled = ty[torch.randperm(len(ty), generator=g)]
-    assert linear_probe(tx, shuffled, vx, vy, 10, LinearConfig(epochs=20))["top1"] < 0.3  # no signal, no accuracy
+    assert (
+        linear_probe(tx, shuffled, vx, vy, 10, LinearConfig(epochs=20))["top1"] < 0.3
+    )  # no signal, no accuracy
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +41,28 @@ def random_encoder(tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model("vit_micro_patch4_32", num_classes=0)
     path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"encoder": "vit_micro_patch4_32", "image_size": "32", "patch_size": "4"})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={"encoder": "vit_micro_patch4_32", "image_size": "32", "patch_size": "4"},
+    )
     return path
 
 
 def test_linear_and_knn_of_a_random_tiny_encoder_on_digits(random_encoder, digits_dir):
     train, val = str(digits_dir / "train.shards.json"), str(digits_dir / "val.shards.json")
     for protocol in ("linear", "knn"):
-        result = CliRunner().invoke(app, ["eval", protocol, str(random_encoder), "--train", train, "--val", val])
+        result = CliRunner().invoke(
+            app, ["eval", protocol, str(random_encoder), "--train", train, "--val", val]
+        )
         assert result.exit_code == 0, result.output
         report = json.loads((random_encoder.parent / f"eval-{protocol}.json").read_text())
         assert 0 <= report["top1"] <= report["top5"] <= 1 and report["val_samples"] == 359
-        assert report["train_samples"] == 1438 and report["classes"] == 10 and len(report["encoder_fingerprint"]) == 64
+        assert (
+            report["train_samples"] == 1438
+            and report["classes"] == 10
+            and len(report["encoder_fingerprint"]) == 64
+        )
     assert report["features_cached"]  # the second protocol reused the first one's features
     assert report["top1"] > 0.2  # even random ViT features of digits beat chance (10 %)
 
@@ -76,10 +86,27 @@ def test_compare_renders_a_table_and_png_plots(digits_tokens, digits_dir, tmp_pa
     runs = []
     for target in ("tokens", "pixel"):
         run = tmp_path / target
-        train(load_config(recipe, [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", f"output={run}",
-                                   f"model.target={target}", "optim.epochs=1", "data.samples_per_epoch=256",
-                                   "data.num_workers=0", "log_every=1"]))
-        evaluate("knn", str(run), str(digits_dir / "train.shards.json"), str(digits_dir / "val.shards.json"), KnnConfig())
+        train(
+            load_config(
+                recipe,
+                [
+                    f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}",
+                    f"output={run}",
+                    f"model.target={target}",
+                    "optim.epochs=1",
+                    "data.samples_per_epoch=256",
+                    "data.loader_workers=0",
+                    "log_every=1",
+                ],
+            )
+        )
+        evaluate(
+            "knn",
+            str(run),
+            str(digits_dir / "train.shards.json"),
+            str(digits_dir / "val.shards.json"),
+            KnnConfig(),
+        )
         runs.append(str(run))
     result = CliRunner().invoke(app, ["eval", "compare", *runs, "--output", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output

@@ -31,6 +31,18 @@ def _losses(run_dir):
     return last
 
 
+def _listeners() -> set[tuple[str, int]]:
+    """(address as the kernel writes it, port) of every listening TCP socket on this machine."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                address, port = fields[1].rsplit(":", 1)
+                found.add((address, int(port, 16)))
+    return found
+
+
 def _cmd(*args):
     return [sys.executable, "-m", "kmim", "train", "--config", RECIPE, *args]
 
@@ -38,38 +50,74 @@ def _cmd(*args):
 @pytest.mark.slow
 def test_loss_falls_on_digits_and_the_encoder_exports_to_timm(digits_tokens, tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(RECIPE, [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", f"output={out}",
-                               "optim.epochs=8", "log_every=5", "data.num_workers=0"])
+    cfg = load_config(
+        RECIPE,
+        [
+            f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}",
+            f"output={out}",
+            "optim.epochs=8",
+            "log_every=5",
+            "data.loader_workers=0",
+        ],
+    )
     summary = train(cfg)
     losses = list(_losses(out).values())
     assert summary["steps"] == 8 * (1438 // 64) and np.mean(losses[-3:]) < losses[0] - 0.3, losses
-    assert (out / "tensorboard").is_dir() and json.loads((out / "config.json").read_text())["optim"]["epochs"] == 8
+    assert (out / "tensorboard").is_dir() and json.loads((out / "config.json").read_text())["optim"][
+        "epochs"
+    ] == 8
     export_encoder(str(out), str(tmp_path / "enc.safetensors"))
     model = timm.create_model("vit_micro_patch4_32", num_classes=0)
     model.load_state_dict(load_file(str(tmp_path / "enc.safetensors")), strict=True)
     ckpt = torch.load(sorted(out.glob("checkpoint-*.pt"))[-1], weights_only=True)
     assert torch.equal(model.patch_embed.proj.weight, ckpt["model"]["encoder.patch_embed.proj.weight"])
-    hub_style = timm.create_model("vit_micro_patch4_32", pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay=dict(file=str(tmp_path / "enc.safetensors")))
+    hub_style = timm.create_model(
+        "vit_micro_patch4_32",
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "enc.safetensors")),
+    )
     assert torch.equal(hub_style.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
 def test_shards_model_mismatch_is_refused_before_the_first_step(digits_tokens, digits_dir, tmp_path):
     data = f"data.train={digits_tokens / 'tokens'}"
     with pytest.raises(ConfigError, match="patch size 4 vs model.patch_size 8"):
-        train(load_config(RECIPE, [data, f"output={tmp_path / 'a'}", "model.patch_size=8", "model.encoder=test_vit"]))
+        train(
+            load_config(
+                RECIPE, [data, f"output={tmp_path / 'a'}", "model.patch_size=8", "model.encoder=test_vit"]
+            )
+        )
     with pytest.raises(ConfigError, match="needs token shards"):
         train(load_config(RECIPE, [f"data.train={digits_dir}", f"output={tmp_path / 'b'}"]))
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
 
 
 def test_pixel_and_online_targets_run(digits_tokens, tmp_path):
-    base = [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", "optim.epochs=1", "data.samples_per_epoch=256",
-            "data.num_workers=0", "log_every=1"]
+    base = [
+        f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}",
+        "optim.epochs=1",
+        "data.samples_per_epoch=256",
+        "data.loader_workers=0",
+        "log_every=1",
+    ]
     pixel = train(load_config(RECIPE, [*base, "model.target=pixel", f"output={tmp_path / 'p'}"]))
-    online = train(load_config(RECIPE, [*base, "model.target=online", f"data.codebook={digits_tokens / 'codebook'}",
-                                        f"output={tmp_path / 'o'}"]))
-    assert pixel["steps"] == online["steps"] == 4 and np.isfinite(pixel["final_loss"]) and online["final_loss"] > 0
+    online = train(
+        load_config(
+            RECIPE,
+            [
+                *base,
+                "model.target=online",
+                f"data.codebook={digits_tokens / 'codebook'}",
+                f"output={tmp_path / 'o'}",
+            ],
+        )
+    )
+    assert (
+        pixel["steps"] == online["steps"] == 4
+        and np.isfinite(pixel["final_loss"])
+        and online["final_loss"] > 0
+    )
 
 
 @pytest.mark.slow
@@ -101,9 +149,36 @@ def test_two_process_gloo_ddp_with_uneven_shards(digits_tokens, tmp_path):
     manifest = json.loads((digits_tokens / "tokens" / "manifest.json").read_text())
     (uneven / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "ddp"
-    proc = subprocess.run(_cmd("--data", str(uneven), "--output", str(out), "--nproc", "2", "optim.epochs=2",
-                               "data.num_workers=1", "log_every=5"), capture_output=True, text=True, timeout=300)
+    before = _listeners()
+    proc = subprocess.Popen(
+        _cmd(
+            "--data",
+            str(uneven),
+            "--output",
+            str(out),
+            "--nproc",
+            "2",
+            "optim.epochs=2",
+            "data.loader_workers=1",
+            "log_every=5",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    opened = set()
+    while proc.poll() is None:  # every socket the launcher and its ranks listen on is on 127.0.0.1
+        opened |= _listeners() - before
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
+    proc.stdout, proc.stderr = stdout, stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
+    loopback = {
+        "0100007F",
+        "0000000000000000FFFF00000100007F",
+        "00000000000000000000000001000000",
+    }  # 127.0.0.1, ::1
+    assert opened and {address for address, _ in opened} <= loopback, opened
     summary = json.loads((out / "train_summary.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
     assert summary["world_size"] == 2 and plan["steps_per_epoch"] == 1438 // (64 * 2)
@@ -113,13 +188,25 @@ def test_two_process_gloo_ddp_with_uneven_shards(digits_tokens, tmp_path):
 @pytest.mark.slow
 def test_resume_after_a_kill_follows_the_same_loss_curve(digits_tokens, tmp_path):
     # 3 epochs of 10 steps; killed at step 15, in the middle of epoch 2, with 2 loader workers mid-shard
-    args = ["--data", str(digits_tokens / "tokens" / "train.shards.json"), "optim.epochs=3", "log_every=1",
-            "data.samples_per_epoch=640", "checkpoint.every_steps=5", "data.num_workers=2", "data.shuffle_buffer=128"]
+    args = [
+        "--data",
+        str(digits_tokens / "tokens" / "train.shards.json"),
+        "optim.epochs=3",
+        "log_every=1",
+        "data.samples_per_epoch=640",
+        "checkpoint.every_steps=5",
+        "data.loader_workers=2",
+        "data.shuffle_buffer=128",
+    ]
     reference = tmp_path / "ref"
     subprocess.run(_cmd(*args, "--output", str(reference)), check=True, capture_output=True, timeout=300)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(*args, "--output", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(*args, "--output", str(out)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and not list(out.glob("checkpoint-00000015.pt")):
         time.sleep(0.01)
@@ -127,7 +214,9 @@ def test_resume_after_a_kill_follows_the_same_loss_curve(digits_tokens, tmp_path
     proc.wait()
     done = sorted(out.glob("checkpoint-*.pt"))
     assert done and done[-1].name != "checkpoint-00000030.pt", [p.name for p in done]
-    subprocess.run(_cmd(*args, "--output", str(out), "--resume"), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(*args, "--output", str(out), "--resume"), check=True, capture_output=True, timeout=300
+    )
     ref, got = _losses(reference), _losses(out)
     assert sorted(got) == sorted(ref) == list(range(1, 31))
     np.testing.assert_allclose([got[s] for s in range(1, 31)], [ref[s] for s in range(1, 31)], rtol=1e-5)
@@ -137,3 +226,77 @@ def test_an_unlabelled_folder_is_not_token_shards(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(Exception, match="no shards.json"):
         train(load_config(RECIPE, [f"data.train={tmp_path / 'x'}", f"output={tmp_path / 'o'}"]))
+
+
+def _repack(digits_tokens, out, edit):
+    """The first token shard re-packed into `out` (with its manifest), `edit(sample)` applied to each sample."""
+    import tarfile
+
+    samples, current = [], {}
+    with tarfile.open(sorted((digits_tokens / "tokens").glob("train-*.tar"))[0]) as t:
+        for m in t.getmembers():
+            key, ext = m.name.split(".", 1)
+            if current and current["key"] != key:
+                samples.append(current)
+                current = {}
+            current["key"] = key
+            current[ext] = t.extractfile(m).read()
+    samples.append(current)
+    out.mkdir()
+    with write_tar_shard(str(out / "train-000000.tar")) as sink:
+        for s in samples:
+            edit(s)
+            sink.write(s["key"], {k: v for k, v in s.items() if k != "key"})
+    (out / "shards.json").write_text(json.dumps({"shards": [sink.entry.__dict__]}))
+    (out / "manifest.json").write_text((digits_tokens / "tokens" / "manifest.json").read_text())
+    return samples
+
+
+def test_a_token_shard_breaking_the_format_fails_naming_shard_and_key(digits_tokens, tmp_path):
+    import io
+
+    from kmim.errors import InputError
+
+    def out_of_range(s):
+        if s["key"] == samples_key:
+            buf = io.BytesIO()
+            np.save(buf, np.full((2, 8, 8), 16, dtype=np.uint16))  # K = 16: ids 0..15
+            s["tokens.npy"] = buf.getvalue()
+
+    samples_key = None
+    probe = _repack(digits_tokens, tmp_path / "probe", lambda s: None)
+    samples_key = probe[3]["key"]
+    _repack(digits_tokens, tmp_path / "bad", out_of_range)
+    cfg = load_config(
+        RECIPE,
+        [
+            f"data.train={tmp_path / 'bad'}",
+            f"output={tmp_path / 'run'}",
+            "optim.epochs=1",
+            "data.loader_workers=0",
+            "data.shuffle_buffer=1",
+        ],
+    )
+    with pytest.raises(
+        InputError, match=rf"train-000000\.tar:{samples_key}: token ids span \[16, 16\], outside"
+    ):
+        train(cfg)
+
+
+def test_resume_of_a_finished_run_leaves_it_as_it_is(digits_tokens, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}",
+        f"output={out}",
+        "optim.epochs=1",
+        "data.samples_per_epoch=128",
+        "data.loader_workers=0",
+        "log_every=1",
+    ]
+    first = train(load_config(RECIPE, args))
+    files = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = train(
+        load_config(RECIPE, [*args, "checkpoint.every_steps=7"]), resume=True
+    )  # execution-only: allowed
+    assert again == json.loads((out / "train_summary.json").read_text()) and again["steps"] == first["steps"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files

@@ -1,0 +1,126 @@
+"""The configs of the three Ray stages, each field declared once (kmim/contract/config.py): its default, its
+help (which is also its `kmim pipeline ...` option), its bounds, and whether it changes the output.
+
+Saved as `config.json` in every stage output; the fingerprinted part (`fingerprint_config`) is what
+`claim_output` and `kmim run` hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kmim import fs
+from kmim.contract.codebook import centers_file
+from kmim.contract.config import Config, execution_field, output_field
+from kmim.contract.views import ViewSpec
+from kmim.extractors import ExtractorSpec
+from kmim.tcas import FORMS
+
+INITS = ("kmeans++", "kmeans-parallel", "random")
+DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ExtractConfig(Config):
+    extractor: str = output_field("pixel", folded=True, help="'pixel' or 'timm:MODEL' (any timm ViT).")
+    weights: str | None = output_field(
+        None,
+        folded=True,
+        help="timm weights: local path or fsspec URL (.safetensors, .pth); enters the "
+        "fingerprint by its sha256, not its path.",
+    )
+    image_size: int = output_field(224, help="Side of view 0 (Resize + CenterCrop).", ge=1)
+    patch_size: int = output_field(16, help="Patch side in pixels.", ge=1)
+    crop_pct: float = output_field(
+        0.875, help="Center-crop share of view 0, as in MAE evaluation.", gt=0.0, le=1.0
+    )
+    patches_per_image: int | None = output_field(
+        None, help="Keep a deterministic sample of N patches per image.", ge=1
+    )
+    dtype: str = output_field("float16", help="Stored feature type.", choices=DTYPES)
+    seed: int = output_field(0, help="Seed of the patch sample.", ge=0)
+    batch_size: int = execution_field(64, help="Images per extractor call.", ge=1)
+    gpus_per_worker: float = execution_field(0.0, help="GPUs per Ray actor (bf16 autocast on GPU).", ge=0.0)
+    cpus_per_worker: float = execution_field(1.0, help="CPUs per Ray actor.", gt=0.0)
+    max_retries: int = execution_field(2, help="Retries of a failed shard before it is reported.", ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.extractor_spec()  # validates name / sizes
+        ViewSpec(self.image_size, self.crop_pct)
+
+    def extractor_spec(self) -> ExtractorSpec:
+        return ExtractorSpec(self.extractor, self.image_size, self.patch_size, self.weights)
+
+    def fingerprint_extra(self) -> dict:
+        """The extractor as the stage records it: name, sizes, weights path and sha256 (the fingerprint counts
+        the sha256 only: kmim/contract/manifest.py `by_content`)."""
+        return {"extractor": self.extractor_spec().with_weights_hash().to_json()}
+
+
+@dataclass(frozen=True)
+class ClusterConfig(Config):
+    k: int = output_field(help="Number of centers (codebook size).", ge=1)
+    epochs: int = output_field(20, help="Full passes over all features (the paper's unit).", ge=1)
+    init: str = output_field(
+        "kmeans++", help="kmeans++ (on a sample), kmeans-parallel (k-means||), or random.", choices=INITS
+    )
+    sample_for_init: int = output_field(65536, help="Points sampled for k-means++.", ge=1)
+    spherical: bool = output_field(False, help="Cosine k-means: unit-normalise features and centers.")
+    minibatch: int | None = output_field(
+        None, help="Mini-batch k-means (Sculley) with this batch size.", ge=1
+    )
+    seed: int = output_field(0, help="Seed of every random draw.", ge=0)
+    tol: float = output_field(
+        0.0, help="Stop when the relative inertia gain of an epoch falls below this.", ge=0.0
+    )
+    parallel_rounds: int = output_field(
+        5, help="k-means|| rounds (init kmeans-parallel), oversampling 2K points per round.", ge=1
+    )
+    init_from: str | None = output_field(
+        None,
+        folded=True,
+        help="Start from given centers: a codebook folder or .safetensors (enters the "
+        "fingerprint by its sha256).",
+    )
+    init_from_sha256: str | None = output_field(
+        None, folded=True, derived=True, help="sha256 of the init_from centers (filled in by the stage)."
+    )
+    ray_workers: int | None = execution_field(
+        None,
+        aliases=("num_workers",),
+        help="Ray actors (default: one per CPU or GPU, at most one per file).",
+        ge=1,
+    )
+    gpus_per_worker: float = execution_field(0.0, help="GPUs per actor (faiss GPU index).", ge=0.0)
+    cpus_per_worker: float = execution_field(1.0, help="CPUs per actor.", gt=0.0)
+    memory_per_worker_gb: float | None = execution_field(
+        None,
+        help="Cache features in memory up to this size per actor, else stream them (0: always stream).",
+        ge=0.0,
+    )
+
+    def fingerprint_extra(self) -> dict:
+        sha = self.init_from_sha256
+        if sha is None and self.init_from:
+            sha = fs.sha256_of(centers_file(self.init_from))
+        return {"init_from_sha256": sha}
+
+
+@dataclass(frozen=True)
+class TokenizeConfig(Config):
+    views: int = output_field(
+        2, help="Views per image: view 0 = center crop, the rest RandomResizedCrop + flip.", ge=1
+    )
+    seed: int = output_field(0, help="Seed of the random views.", ge=0)
+    tcas_form: str = output_field(
+        "C", help="TCAS first term: 'C' ((1 - C_ii)^2) or 'norm' ((1 - ||R_i||)^2).", choices=FORMS
+    )
+    # Only locates the file: the codebook records the weights' sha256, which is what the fingerprint holds.
+    weights: str | None = execution_field(
+        None, help="The extractor weights the codebook was built with (checked by hash)."
+    )
+    batch_size: int = execution_field(64, help="Views per extractor call.", ge=1)
+    gpus_per_worker: float = execution_field(0.0, help="GPUs per Ray actor.", ge=0.0)
+    cpus_per_worker: float = execution_field(1.0, help="CPUs per Ray actor.", gt=0.0)
+    max_retries: int = execution_field(2, help="Retries of a failed shard before it is reported.", ge=0)
