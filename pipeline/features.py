@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kmim import fs
@@ -56,8 +57,14 @@ def open_features(url: str) -> FeatureSet:
         try:
             with filesystem.open(path, "rb") as handle:
                 field = pq.read_schema(handle).field("feature")
-        except (FileNotFoundError, KeyError) as e:
-            raise InputError(f.url, f"missing or not a feature file ({e})") from None
+        except (FileNotFoundError, KeyError, pa.ArrowException) as e:
+            raise InputError(f.url, f"missing or not a feature file ({type(e).__name__}: {e})") from None
+        if not pa.types.is_fixed_size_list(field.type) or not pa.types.is_floating(field.type.value_type):
+            raise InputError(
+                f.url,
+                f"column 'feature' is {field.type}, expected fixed_size_list<float16 or float32>"
+                "[dim] (docs/FORMATS.md)",
+            )
         dims[f.url] = field.type.list_size
     if len(set(dims.values())) != 1:
         first, *rest = sorted(dims.items(), key=lambda kv: kv[0])

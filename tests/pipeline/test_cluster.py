@@ -147,3 +147,25 @@ def test_bad_inputs_are_clear_errors_before_any_work(tmp_path):
     with pytest.raises(ConfigError):
         ClusterConfig(k=2, init="kmedoids")
     assert not any((tmp_path / o / "codebook.json").exists() for o in ("o1", "o2", "o3", "o4"))
+
+
+def test_a_variable_length_feature_column_is_one_line_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kmim.pipeline.features import open_features
+
+    out = write_feature_set(str(tmp_path / "f"), [np.ones((10, 3), np.float32)])
+    table = pa.table(
+        {
+            "key": ["a", "b"],
+            "label": pa.array([None, None], pa.int32()),
+            "patch": [0, 0],
+            "feature": pa.array([[1.0, 2.0], [1.0]], pa.list_(pa.float32())),
+        }
+    )
+    pq.write_table(table, str(tmp_path / "f" / "part-000000.parquet"))
+    with pytest.raises(
+        InputError, match=r"part-000000\.parquet: column 'feature' is list<.*float>, expected"
+    ):
+        open_features(out)
