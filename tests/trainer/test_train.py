@@ -300,3 +300,24 @@ def test_resume_of_a_finished_run_leaves_it_as_it_is(digits_tokens, tmp_path):
     )  # execution-only: allowed
     assert again == json.loads((out / "train_summary.json").read_text()) and again["steps"] == first["steps"]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_two_identical_runs_write_byte_identical_checkpoints(digits_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    args = [
+        f"data.train={digits_dir / 'train.shards.json'}",
+        f"output={out}",
+        "model.target=pixel",
+        "optim.epochs=1",
+        "data.samples_per_epoch=128",
+        "data.loader_workers=0",
+        "log_every=1",
+    ]
+    made = []
+    for _ in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        train(load_config(RECIPE, args))
+        made.append({p.name: p.read_bytes() for p in out.glob("checkpoint-*.pt")})
+    assert made[0] and made[0] == made[1]
