@@ -10,6 +10,7 @@ times (a dead worker is replaced), then reported.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
 from kmim import fs
-from kmim.data.reader import ShardRef
+from kmim.data.reader import ReadStats, ShardRef
 from kmim.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,35 @@ class ShardStats:
             "seconds": self.seconds,
             "output": self.output,
         }
+
+    @classmethod
+    def of_read(
+        cls,
+        shard: ShardRef,
+        fingerprint: str,
+        read: ReadStats,
+        seconds: dict[str, float],
+        start: float,
+        output: dict | None,
+        **extra: Any,
+    ) -> ShardStats:
+        """A worker's stats for one shard: what it read and skipped, its timings (plus the total since
+        `start`, a perf_counter reading) and the file it committed."""
+        timings = {
+            **{k: round(v, 4) for k, v in seconds.items()},
+            "total": round(time.perf_counter() - start, 4),
+        }
+        return cls(
+            shard=shard.name,
+            input=shard.url,
+            fingerprint=fingerprint,
+            samples=read.samples,
+            num_skipped=read.num_skipped,
+            skipped=read.skipped,
+            seconds=timings,
+            output=output,
+            extra=extra,
+        )
 
     @classmethod
     def from_json(cls, d: dict) -> ShardStats:

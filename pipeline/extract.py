@@ -130,19 +130,16 @@ class ExtractWorker(ShardWorker):
             t0 = time.perf_counter()
             writer.close()
             seconds["write"] += time.perf_counter() - t0
-        result = ShardStats(
-            shard=shard.name,
-            input=shard.url,
-            fingerprint=self.fingerprint,
-            samples=stats.samples,
-            num_skipped=stats.num_skipped,
-            skipped=stats.skipped,
-            seconds={
-                **{k: round(v, 4) for k, v in seconds.items()},
-                "total": round(time.perf_counter() - start, 4),
-            },
-            output={"url": name, "rows": writer.rows, "bytes": sink.nbytes, "sha256": sink.hexdigest()},
-            extra={"patches": writer.rows, "dim": self.extractor.dim},
+        output = {"url": name, "rows": writer.rows, "bytes": sink.nbytes, "sha256": sink.hexdigest()}
+        result = ShardStats.of_read(
+            shard,
+            self.fingerprint,
+            stats,
+            seconds,
+            start,
+            output,
+            patches=writer.rows,
+            dim=self.extractor.dim,
         )
         result.commit(self.out_url)  # the shard's commit marker
         return result

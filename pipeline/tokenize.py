@@ -145,19 +145,7 @@ class TokenizeWorker(ShardWorker):
         matrix = np.zeros((tok.k, classes), dtype=np.int64)
         for label, counts in cooc.items():
             matrix[:, label] = counts
-        result = ShardStats(
-            shard=shard.name,
-            input=shard.url,
-            fingerprint=self.fingerprint,
-            samples=stats.samples,
-            num_skipped=stats.num_skipped,
-            skipped=stats.skipped,
-            seconds={
-                **{k: round(v, 4) for k, v in seconds.items()},
-                "total": round(time.perf_counter() - start, 4),
-            },
-            output=output,
-        )
+        result = ShardStats.of_read(shard, self.fingerprint, stats, seconds, start, output)
         if self.out_url is None:
             result.arrays = {"cooc": matrix, "codes": codes}
             return result
