@@ -17,13 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kmim import fs
 from kmim.contract.config import fingerprint_config
 from kmim.contract.manifest import InputRef, StageManifest
-from kmim.data.reader import ShardRef
+from kmim.contract.views import key_hash
+from kmim.data.reader import ReadStats, ShardRef, iter_samples
 from kmim.errors import InputError, KmimError
 from kmim.lock import Lock, take_lock
-from kmim.pipeline.executor import ShardStats, StageRun, run_shards, stats_name
+from kmim.pipeline.executor import (
+    KEY_HASHES,
+    ShardStats,
+    StageRun,
+    decode_key_hashes,
+    run_shards,
+    stats_name,
+)
 from kmim.pipeline.ray_runtime import ray_session, worker_count
 
 log = logging.getLogger(__name__)
@@ -155,6 +165,37 @@ def finish_stage(
     return m
 
 
+def check_unique_keys(stage: str, shards: list[ShardRef], stats: dict[str, ShardStats]) -> None:
+    """Refuse a key found in two shards: one line naming the key and both shards, before any manifest.
+
+    A shard drops its own repeated keys as skips (kmim/data/reader.py); across shards, which run in
+    parallel, the first copy cannot be chosen, and both would be trained on and counted twice by TCAS."""
+    hashes, owner = [], []
+    for i, shard in enumerate(shards):
+        text = stats[shard.name].extra.get(KEY_HASHES)
+        if text is None:  # committed by kmim <= 0.2, which did not record keys
+            continue
+        h = decode_key_hashes(text)
+        hashes.append(h)
+        owner.append(np.full(len(h), i))
+    if not hashes:
+        return
+    flat, who = np.concatenate(hashes), np.concatenate(owner)
+    order = np.argsort(flat, kind="stable")
+    flat, who = flat[order], who[order]
+    repeated = np.flatnonzero(flat[1:] == flat[:-1])
+    if len(repeated) == 0:
+        return
+    first, second = shards[who[repeated[0]]], shards[who[repeated[0] + 1]]
+    wanted = int(flat[repeated[0]])
+    key = next((s.key for s in iter_samples(first, ReadStats()) if key_hash(s.key) == wanted), "<unreadable>")
+    raise InputError(
+        second.url,
+        f"{stage}: sample key {key!r} is also in {first.url} ({len(repeated)} keys are in two shards); "
+        f"keys must be unique across a dataset, or the sample is trained on and counted twice",
+    )
+
+
 # --- the shard-at-a-time stage template ------------------------------------------------------------
 
 
@@ -211,6 +252,7 @@ def run_shard_stage(spec: ShardStage, output: str, address: str | None = None) -
             log.info("%s: %d shards were already committed by an earlier run", spec.stage, len(run.reused))
         if run.failed:  # raises StageFailed, naming them; committed shards stay for the rerun
             finish_stage(out, spec.shards, run.all_stats, run.failed, {}, time.monotonic() - start)
+        check_unique_keys(spec.stage, spec.shards, run.all_stats)
         extra = spec.summarize(run)
         manifest = finish_stage(out, spec.shards, run.all_stats, {}, extra, time.monotonic() - start)
     finally:

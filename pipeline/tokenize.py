@@ -39,7 +39,7 @@ from kmim.extractors import ExtractorSpec
 from kmim.pipeline.configs import TokenizeConfig
 from kmim.pipeline.executor import ShardStats, ShardWorker, StageRun, run_shards
 from kmim.pipeline.ray_runtime import ray_session, worker_count
-from kmim.pipeline.stage import ShardStage, StageOutput, StageResult, run_shard_stage
+from kmim.pipeline.stage import ShardStage, StageOutput, StageResult, check_unique_keys, run_shard_stage
 from kmim.tcas import tcas, usage
 from kmim.tokenizer import Tokenizer, codebook_extractor
 
@@ -299,6 +299,7 @@ def tcas_report(
         )
     if run.failed:
         raise InputError(input, "; ".join(f"{k}: {v}" for k, v in sorted(run.failed.items())))
+    check_unique_keys("tcas", dataset.shards, run.done)
     stats = [run.done[s.name] for s in dataset.shards]
     cooc, codes = reduce_counts([(s.arrays["cooc"], s.arrays["codes"]) for s in stats], book.k)
     if cooc.sum() == 0:

@@ -97,6 +97,9 @@ class RawSample:
 class ReadStats:
     samples: int = 0
     skipped: list[dict] = field(default_factory=list)
+    keys: list[str] = field(
+        default_factory=list, repr=False
+    )  # of the samples read, for the cross-shard check
 
     def skip(self, key: str, shard: str, reason: str) -> None:
         self.skipped.append({"key": key, "shard": shard, "reason": reason})
@@ -108,6 +111,7 @@ class ReadStats:
     def merge(self, other: ReadStats) -> None:
         self.samples += other.samples
         self.skipped.extend(other.skipped)
+        self.keys.extend(other.keys)
 
     def to_json(self) -> dict:
         return {"samples": self.samples, "num_skipped": self.num_skipped, "skipped": list(self.skipped)}
@@ -297,6 +301,7 @@ def iter_samples(shard: ShardRef, stats: ReadStats, *, require_label: bool = Fal
         image = members.pop(image_ext)
         members.pop(LABEL_MEMBER, None)
         stats.samples += 1
+        stats.keys.append(key)
         yield RawSample(key=key, image=image, ext=image_ext, label=label, shard=shard.url, extra=members)
 
 
@@ -320,6 +325,7 @@ def iter_images(
             img = decode_rgb(sample.image)
         except ImageDecodeError as e:
             stats.samples -= 1
+            stats.keys.pop()  # the sample just read: skipped, so it is in no output
             stats.skip(sample.key, shard.url, str(e))
             continue
         finally:

@@ -155,3 +155,21 @@ def test_corrupt_samples_are_counted_and_a_broken_shard_is_retried_then_reported
     assert (tmp_path / "g" / "good-000000_stats.json").exists() and not (
         tmp_path / "g" / "manifest.json"
     ).exists()
+
+
+def test_a_key_in_two_shards_is_one_error_naming_both_and_no_manifest(tmp_path):
+    data = tmp_path / "data"
+    for n, keys in enumerate([["a", "b", "c"], ["d", "b", "e"]]):  # "b" is in both shards
+        with write_tar_shard(str(data / f"part-{n:06d}.tar")) as sink:
+            for i, key in enumerate(keys):
+                sink.write(key, {"png": _png(i * 30), "cls": b"1"})
+    out = tmp_path / "f"
+    with pytest.raises(InputError, match=r"part-000001.tar.*key 'b' is also in .*part-000000.tar"):
+        extract(str(data), str(out), ExtractConfig(image_size=16, patch_size=8))
+    assert not (out / "manifest.json").exists()
+    # decode failures are in no output, so a corrupt copy of a key elsewhere is no duplicate
+    with write_tar_shard(str(data / "part-000001.tar")) as sink:
+        sink.write("d", {"png": _png(10), "cls": b"1"})
+        sink.write("b", {"png": b"broken", "cls": b"1"})
+    m = extract(str(data), str(tmp_path / "g"), ExtractConfig(image_size=16, patch_size=8)).manifest
+    assert m.stats["samples"] == 4 and [s["key"] for s in m.stats["skipped"]] == ["b"]
