@@ -165,7 +165,7 @@ def measure(
     rows, times = [], {}
     start = time.perf_counter()
     t0 = time.perf_counter()
-    write_digits(f"{work}/digits", recipe.digits)
+    write_digits(f"{work}/digits", recipe.dataset)
     times["data_s"] = round(time.perf_counter() - t0, 1)
     train = f"{work}/digits/train.shards.json"
     with ray_session(num_cpus=num_cpus) as resources:

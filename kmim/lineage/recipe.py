@@ -1,6 +1,6 @@
 """The `kmim run` recipe: one YAML file for the whole K-MIM job (see manifests/recipes/digits.yaml).
 
-Sections: `data` (`builtin: digits`, or `train` / `val` URLs), `extract`, `cluster`, `tokenize` (the stage
+Sections: `data` (`builtin: digits|fashion-mnist` with that dataset's settings, or `train` / `val` URLs), `extract`, `cluster`, `tokenize` (the stage
 configs, validated by their own dataclasses), `train` (a `kmim train` config tree; `kmim train --config`
 reads the same file), `runs` (named variants of `train` as dotted overrides) and `eval` (protocols and
 their settings). Everything is validated when the recipe is loaded, before any stage runs.
@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kmim import fs
+from kmim.contract.config import Config
 from kmim.data.digits import DigitsConfig
+from kmim.data.idx import FashionMnistConfig
 from kmim.errors import ConfigError
 from kmim.pipeline.cluster import ClusterConfig
 from kmim.pipeline.extract import ExtractConfig
@@ -22,9 +24,21 @@ from kmim.trainer.config import TrainConfig, apply_overrides, build_config, read
 from kmim.trainer.probe import KnnConfig, LinearConfig
 
 STAGES = ("data", "extract", "cluster", "tokenize", "train", "eval")
-BUILTINS = ("digits",)
+BUILTINS: dict[str, type[Config]] = {"digits": DigitsConfig, "fashion-mnist": FashionMnistConfig}
 SECTIONS = ("name", "data", "extract", "cluster", "tokenize", "train", "runs", "eval")
 EVAL_CONFIGS = {"knn": KnnConfig, "linear": LinearConfig}
+
+
+def write_builtin(name: str, out: str, config: Config) -> None:
+    """Write the builtin dataset `name` (a key of BUILTINS) into `out` with its config."""
+    if name == "digits":
+        from kmim.data.digits import write_digits  # scikit-learn's imports: only when digits are written
+
+        write_digits(out, config)  # type: ignore[arg-type]
+    else:
+        from kmim.data.idx import write_fashion_mnist
+
+        write_fashion_mnist(out, config)  # type: ignore[arg-type]
 
 
 def flatten(d: dict, prefix: str = "") -> list[str]:
@@ -45,7 +59,7 @@ class PipelineRecipe:
     builtin: str | None
     train_data: str | None
     val_data: str | None
-    digits: DigitsConfig
+    dataset: Config  # the builtin's config (DigitsConfig, FashionMnistConfig); digits' defaults otherwise
     extract: ExtractConfig
     cluster: ClusterConfig
     tokenize: TokenizeConfig
@@ -83,9 +97,11 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
     data = _mapping(raw, "data", path)
     builtin = data.get("builtin")
     if builtin is not None and builtin not in BUILTINS:
-        raise ConfigError(f"{path}: data.builtin must be one of {BUILTINS}, got {builtin!r}")
+        raise ConfigError(f"{path}: data.builtin must be one of {', '.join(BUILTINS)}, got {builtin!r}")
     if builtin is None and not (data.get("train") and data.get("val")):
-        raise ConfigError(f"{path}: data needs `builtin: digits` or both `train` and `val` URLs")
+        raise ConfigError(
+            f"{path}: data needs `builtin: {'|'.join(BUILTINS)}` or both `train` and `val` URLs"
+        )
 
     def section(name: str, cls: type, extra: dict | None = None) -> Any:
         values = raw.get(name) or {}
@@ -111,8 +127,8 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
         builtin=builtin,
         train_data=data.get("train"),
         val_data=data.get("val"),
-        digits=build_config(
-            DigitsConfig,
+        dataset=build_config(
+            BUILTINS[builtin or "digits"],
             {k: v for k, v in data.items() if k not in ("builtin", "train", "val")},
             f"{path}: data",
         ),

@@ -22,7 +22,7 @@ from kmim.contract.config import fingerprint_config, legacy_config
 from kmim.contract.manifest import StageManifest, digest, stage_fingerprint
 from kmim.data.reader import open_dataset
 from kmim.errors import ConfigError, InputError
-from kmim.lineage.recipe import STAGES, PipelineRecipe
+from kmim.lineage.recipe import STAGES, PipelineRecipe, write_builtin
 from kmim.pipeline.stage import STAGE_CLAIM
 from kmim.trainer.distributed import is_main_process, relaunch_ranks, under_launcher
 
@@ -174,14 +174,12 @@ class Runner:
             ]
             art = Artifact("data", digest({"train": ids[0], "val": ids[1]}), r.train_data)  # type: ignore[arg-type]
             return art, r.train_data, r.val_data  # type: ignore[return-value]
-        config = {"builtin": r.builtin, **fingerprint_config(r.digits)}
+        config = {"builtin": r.builtin, **fingerprint_config(r.dataset)}
         art = Artifact("data", stage_fingerprint("data", digest(r.builtin), config), "")
         art = Artifact("data", art.fingerprint, artifact_path(self.root, "data", art.fingerprint))
         step = self._begin(art, "data", config, [{"builtin": r.builtin}])
         if self._need(step, fs.exists(fs.join(art.path, "shards.json"))):
-            from kmim.data.digits import write_digits
-
-            self._timed(step, False, lambda: write_digits(art.path, r.digits))
+            self._timed(step, False, lambda: write_builtin(r.builtin, art.path, r.dataset))
         return art, fs.join(art.path, "train.shards.json"), fs.join(art.path, "val.shards.json")
 
     def _artifact(

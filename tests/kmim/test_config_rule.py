@@ -116,7 +116,7 @@ def test_run_roots_of_kmim_0_1_keep_their_fingerprints():
     runner = Runner(r, "/nonexistent", ["data"], None)
     data = Artifact(
         "data",
-        stage_fingerprint("data", digest("digits"), {"builtin": "digits", **fingerprint_config(r.digits)}),
+        stage_fingerprint("data", digest("digits"), {"builtin": "digits", **fingerprint_config(r.dataset)}),
         "",
     )
     extract = runner._artifact("extract", r.extract, [data], "manifest.json")
