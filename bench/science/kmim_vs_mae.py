@@ -1,6 +1,7 @@
-"""K-MIM PIXEL (token targets) vs MAE (pixel targets) on digits at equal steps, and TCAS vs linear accuracy across K.
+"""K-MIM PIXEL (token targets) vs MAE (pixel targets) at equal steps, and TCAS vs linear accuracy across K.
 
-Everything runs through the recipe manifests/recipes/digits.yaml with `kmim.lineage.runner.run_recipe`, so
+Everything runs through a recipe (--recipe, default manifests/recipes/digits.yaml;
+bench/science/fashion_mnist.py runs manifests/recipes/fashion-mnist.yaml) with `kmim.lineage.runner.run_recipe`, so
 the artifacts land under ROOT/<stage>/<fingerprint>/ and a rerun reuses every finished stage:
 1. for each seed in --seeds: the recipe's two variants (`kmim-pixel-k50`: `tokens` target, K = 50;
    `mae`: `pixel` target, norm_pix_loss) with `--set train.seed=S`, same schedule (equal steps by
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-RECIPE = "manifests/recipes/digits.yaml"  # relative to the repo root, which is where it is read from
-RECIPE_PATH = str(Path(__file__).resolve().parents[2] / RECIPE)
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "manifests/recipes/digits.yaml"  # default --recipe, relative to the repo root
 DEFAULT_ROOT = "bench/science/out/kmim_vs_mae/root"
 # Paper Table 7, K-MIM PIXEL on ImageNet-100 (k-means 100 epochs at K = 50): K -> (TCAS, linear probing top-1 %).
 PAPER_TABLE7_PIXEL = {
@@ -66,22 +67,44 @@ def variants(recipe) -> tuple[str, str]:  # noqa: ANN001
     tokens = [r for r, t in targets.items() if t == "tokens"]
     pixel = [r for r, t in targets.items() if t == "pixel"]
     if not tokens or not pixel:
-        raise SystemExit(f"{RECIPE}: needs a `tokens` and a `pixel` variant in runs: (has {targets})")
+        raise SystemExit(f"{recipe.source}: needs a `tokens` and a `pixel` variant in runs: (has {targets})")
     return tokens[0], pixel[0]
 
 
-def run(root: str, sets: list[str], runs: list[str]) -> tuple[list[dict], float]:
-    """One `kmim run` of the recipe (all stages); a row per variant."""
+def stage_walls(report, recipe_name: str) -> list[dict]:  # noqa: ANN001
+    """Wall time and images/s of every step this invocation ran (reused steps cost nothing)."""
+    from kmim import fs
+
+    out = []
+    for step in report.steps:
+        if step.status not in ("ran", "resumed"):
+            continue
+        row = {"step": step.name, "status": step.status, "seconds": step.seconds}
+        if step.stage in ("extract", "tokenize"):
+            stats = fs.read_json(fs.join(step.path, "manifest.json"))["stats"]
+            row["images"] = stats["samples"]
+        elif step.stage == "train":
+            row["images"] = fs.read_json(fs.join(step.path, "train_summary.json"))["images"]
+        if row.get("images") and step.seconds:
+            row["images_per_s"] = round(row["images"] / step.seconds, 1)
+        out.append(row)
+    return out
+
+
+def run(
+    recipe_file: str, root: str, sets: list[str], runs: list[str]
+) -> tuple[list[dict], float, list[dict]]:
+    """One `kmim run` of the recipe (all stages); a row per variant, the wall, and the steps it ran."""
     from kmim import fs
     from kmim.lineage.recipe import load_recipe
     from kmim.lineage.runner import run_recipe
 
     print(
-        f"\n=== kmim run {RECIPE} --root {root} {' '.join('--set ' + s for s in sets)} "
+        f"\n=== kmim run {recipe_file} --root {root} {' '.join('--set ' + s for s in sets)} "
         f"{' '.join('--run ' + r for r in runs)}",
         flush=True,
     )
-    recipe = load_recipe(RECIPE_PATH, sets)
+    recipe = load_recipe(str(REPO / recipe_file), sets)
     start = time.perf_counter()
     report = run_recipe(recipe, root, runs=runs, sets=sets)
     wall = time.perf_counter() - start
@@ -111,7 +134,7 @@ def run(root: str, sets: list[str], runs: list[str]) -> tuple[list[dict], float]
             row[protocol] = round(100 * r["top1"], 2)
             row[f"{protocol}_s"] = round(r["seconds"], 1)
         rows.append(row)
-    return rows, round(wall, 1)
+    return rows, round(wall, 1), stage_walls(report, recipe.name)
 
 
 def epoch_sets(recipe, epochs: int) -> list[str]:  # noqa: ANN001
@@ -185,7 +208,7 @@ def pm(mean: float, std: float) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"K-MIM vs MAE, digits, equal steps ({result['epochs']} epochs; top-1 %, mean ± sample std over seeds)",
+        f"K-MIM vs MAE, {result.get('dataset', 'digits')}, equal steps ({result['epochs']} epochs; top-1 %, mean ± sample std over seeds)",
         "",
         "| variant | target | K | TCAS | steps | seeds | k-NN top-1 | linear top-1 | k-NN per seed | linear per seed |",
         "|---|---|---:|---:|---:|---|---:|---:|---|---|",
@@ -213,6 +236,10 @@ def markdown(result: dict) -> str:
             f"{', '.join(f'{v:.2f}' for v in r['knn_per_seed'])} | "
             f"{', '.join(f'{v:.2f}' for v in r['linear_per_seed'])} | {r['train_s']:.1f} |"
         )
+    if result.get("welch"):
+        lines += ["", "| K-MIM − MAE | difference of means | Welch t | p |", "|---|---:|---:|---:|"]
+        for protocol, w in result["welch"].items():
+            lines.append(f"| {protocol} | {w['diff']:+.2f} | {w['t']:.3f} | {w['p']:.3f} |")
     lines += ["", "| correlation | n | Pearson r | p | Spearman ρ | p |", "|---|---:|---:|---:|---:|---:|"]
     for name, c in result["correlations"].items():
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -220,7 +247,32 @@ def markdown(result: dict) -> str:
             f"| {name} | {c['n']} | {fmt(c['pearson_r'])} | {fmt(c['pearson_p'])} | "
             f"{fmt(c['spearman_rho'])} | {fmt(c['spearman_p'])} |"
         )
+    if result.get("stage_walls"):
+        lines += ["", "| step (first run) | seconds | images | images/s |", "|---|---:|---:|---:|"]
+        for w in result["stage_walls"]:
+            lines.append(
+                f"| {w['step']} | {w['seconds']:.1f} | {w.get('images', '-')} | {w.get('images_per_s', '-')} |"
+            )
     return "\n".join(lines)
+
+
+def welch(main_rows: list[dict], tokens_run: str, mae_run: str) -> dict:
+    """K-MIM minus MAE per protocol: difference of the seed means, Welch's t and its two-sided p."""
+    from scipy import stats
+
+    out = {}
+    for protocol in ("linear", "knn"):
+        a = [r[protocol] for r in main_rows if r["variant"] == tokens_run]
+        b = [r[protocol] for r in main_rows if r["variant"] == mae_run]
+        if len(a) < 2 or len(b) < 2:
+            continue
+        t = stats.ttest_ind(a, b, equal_var=False)
+        out[protocol] = {
+            "diff": round(float(np.mean(a) - np.mean(b)), 2),
+            "t": round(float(t.statistic), 3),
+            "p": round(float(t.pvalue), 3),
+        }
+    return out
 
 
 def plot(result: dict, path: str) -> None:
@@ -270,7 +322,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"digits, vit_micro_patch4_32: val accuracy vs TCAS across K ({result.get('sweep_epochs', result['epochs'])} "
+        f"{result.get('dataset', 'digits')}, vit_micro_patch4_32: val accuracy vs TCAS across K ({result.get('sweep_epochs', result['epochs'])} "
         f"epochs; MAE band: {result['epochs']} epochs)"
     )
     fig.tight_layout()
@@ -280,6 +332,8 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=RECIPE, help="a recipe with a tokens and a pixel variant")
+    ap.add_argument("--dataset", default="digits", help="the data's name in titles")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--ks", default="10,25,50,100,200")
     ap.add_argument("--sweep-seeds", default="0,1,2", help="training seeds of each K in the sweep")
@@ -304,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     from kmim.lineage.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE_PATH)
+    recipe = load_recipe(str(REPO / args.recipe))
     tokens_run, mae_run = variants(recipe)
     default_epochs = int(recipe.train_raw["optim"]["epochs"])
     epochs = args.epochs or default_epochs
@@ -313,23 +367,26 @@ def main(argv: list[str] | None = None) -> dict:
     ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     out = args.out or os.path.dirname(os.path.abspath(args.root.rstrip("/")))
     start = time.perf_counter()
-    main_rows, walls = [], []
+    main_rows, walls, steps = [], [], []
     for seed in seeds:
-        rows, wall = run(
-            args.root, epoch_sets(recipe, epochs) + [f"train.seed={seed}"], [tokens_run, mae_run]
+        rows, wall, ran = run(
+            args.recipe, args.root, epoch_sets(recipe, epochs) + [f"train.seed={seed}"], [tokens_run, mae_run]
         )
         main_rows += rows
+        steps += ran
         walls.append({"what": f"seed {seed}: {tokens_run} + {mae_run}", "wall_s": wall})
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
     sweep = []
     for k in ks:
         for seed in sweep_seeds:
-            rows, wall = run(
+            rows, wall, ran = run(
+                args.recipe,
                 args.root,
                 epoch_sets(recipe, sweep_epochs) + [f"cluster.k={k}", f"train.seed={seed}"],
                 [tokens_run],
             )
             sweep += rows
+            steps += ran
             walls.append({"what": f"K={k} ({tokens_run}, seed {seed})", "wall_s": wall})
     sweep_summary = summarize_sweep(sweep)
     corr = {}
@@ -344,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = {
         "script": "bench.science.kmim_vs_mae",
-        "recipe": RECIPE,
+        "recipe": args.recipe,
+        "dataset": args.dataset,
         "root": args.root,
         "seeds": seeds,
         "ks": ks,
@@ -357,7 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": sweep,
         "sweep_summary": sweep_summary,
         "correlations": corr,
+        "welch": welch(main_rows, tokens_run, mae_run),
         "walls": walls,
+        "stage_walls": steps,
         "wall_s": round(time.perf_counter() - start, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
