@@ -1,7 +1,9 @@
 """`kmim pipeline extract`: per-patch features of every image, one Ray actor call per input shard.
 
-Output per input shard: `<shard>.parquet` (key, label, patch, feature) and `<shard>_stats.json`; then
-`manifest.json`. Features are computed on view 0 of the shared contract.
+Output per input shard: `<shard>.arrow` (key, label, patch, feature; feature format version 2, an
+uncompressed Arrow IPC file with one record batch per extract batch, see docs/FORMATS.md) and
+`<shard>_stats.json`; then `manifest.json`. Features are computed on view 0 of the shared contract.
+Outputs of older kmim (version 1, `<shard>.parquet`) are still read by `kmim.pipeline.features`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from kmim import fs
 from kmim.contract import streams
 from kmim.contract.manifest import StageManifest
 from kmim.contract.patches import grid_size
-from kmim.contract.schemas import feature_schema
+from kmim.contract.schemas import FEATURE_EXTENSIONS, FEATURE_FORMAT_VERSION, feature_schema
 from kmim.contract.views import ViewSpec, apply_view, center_view, key_hash, to_uint8_array
 from kmim.data.reader import ReadStats, ShardRef, iter_images, open_dataset
 from kmim.extractors import ExtractorSpec, build_extractor
@@ -39,41 +41,58 @@ def patch_subset(key: str, num_patches: int, keep: int | None, seed: int) -> np.
 
 
 class FeatureShardWriter:
-    """Accumulates batches of patch features into one Parquet file (a row group per batch)."""
+    """Accumulates batches of patch features into one feature file (kmim/contract/schemas.py).
 
-    def __init__(self, sink, dim: int, dtype: str):
-        self.schema = feature_schema(dim, dtype)
+    Format version 2 (the default): an uncompressed Arrow IPC file, one record batch per `write`; it
+    costs little more than the copy to disk. Version 1, the Parquet that kmim wrote before, stays
+    available for compatibility tests and comparisons. The same inputs always give the same bytes.
+    """
+
+    def __init__(self, sink, dim: int, dtype: str, format_version: int = FEATURE_FORMAT_VERSION):
+        self.schema = feature_schema(dim, dtype, format_version)
         self.np_dtype = np.float16 if dtype == "float16" else np.float32
-        # Dictionaries and min/max statistics only for the small columns: on the float features each of
-        # them costs about as much as the whole rest of the write.
-        small = ["key", "label", "patch"]
-        # zstd level 1: 45 % faster than the default level here, for the same size on patch features.
-        self.writer = pq.ParquetWriter(
-            sink,
-            self.schema,
-            compression="zstd",
-            compression_level=1,
-            use_dictionary=small[:2],
-            write_statistics=small,
-        )
+        self.format_version = format_version
+        if format_version == 1:
+            # Dictionaries and min/max statistics only for the small columns: on the float features each
+            # of them costs about as much as the whole rest of the write.
+            small = ["key", "label", "patch"]
+            # zstd level 1: 45 % faster than the default level here, for the same size on patch features.
+            self.writer = pq.ParquetWriter(
+                sink,
+                self.schema,
+                compression="zstd",
+                compression_level=1,
+                use_dictionary=small[:2],
+                write_statistics=small,
+            )
+        else:
+            self.writer = pa.ipc.new_file(sink, self.schema)  # uncompressed, by default
         self.rows = 0
 
     def write(
         self, keys: list[str], labels: list[int | None], patches: list[np.ndarray], feats: list[np.ndarray]
     ) -> None:
-        row_image = pa.array(np.repeat(np.arange(len(keys)), [len(p) for p in patches]))  # image of each row
+        counts = np.array([len(p) for p in patches], np.int64)  # rows per image
         flat = np.concatenate(feats).astype(self.np_dtype, copy=False)  # [rows, D]
-        table = pa.table(
-            {
-                "key": pa.array(keys, pa.string()).take(row_image),
-                "label": pa.array(labels, pa.int32()).take(row_image),
-                "patch": pa.array(np.concatenate(patches).astype(np.int32)),
-                "feature": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
-            },
+        # Labels from numpy (0 under a null), not by `take`: no byte of the IPC body is left to chance.
+        known = np.array([lab is not None for lab in labels], bool)
+        label_values = np.array([lab if lab is not None else 0 for lab in labels], np.int32)
+        label = pa.array(
+            np.repeat(label_values, counts),
+            pa.int32(),
+            mask=None if known.all() else ~np.repeat(known, counts),
+        )
+        batch = pa.record_batch(
+            [
+                pa.array(keys, pa.string()).take(pa.array(np.repeat(np.arange(len(keys)), counts))),
+                label,
+                pa.array(np.concatenate(patches).astype(np.int32)),
+                pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1]),
+            ],
             schema=self.schema,
         )
-        self.writer.write_table(table)
-        self.rows += len(table)
+        self.writer.write_batch(batch)  # an IPC record batch, or a Parquet row group
+        self.rows += batch.num_rows
 
     def close(self) -> None:
         self.writer.close()
@@ -97,7 +116,7 @@ class ExtractWorker(ShardWorker):
         c = self.config
         seconds = dict.fromkeys(("read", "decode", "compute", "write"), 0.0)
         stats = ReadStats()
-        name = f"{shard.name}.parquet"
+        name = f"{shard.name}.{FEATURE_EXTENSIONS[FEATURE_FORMAT_VERSION]}"
         batch: list[tuple[str, int | None, np.ndarray]] = []
         start = time.perf_counter()
         with fs.atomic_open(fs.join(self.out_url, name)) as sink:

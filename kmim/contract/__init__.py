@@ -4,7 +4,14 @@ views and their replay, the patch order, the named random streams, on-disk schem
 from kmim.contract.images import ImageDecodeError, decode_rgb, to_rgb
 from kmim.contract.manifest import InputRef, StageManifest, fingerprint_inputs, stage_fingerprint
 from kmim.contract.patches import grid_size, patchify, unpatchify
-from kmim.contract.schemas import FORMAT_VERSION, ShardEntry, ShardIndex, feature_schema, token_dtype
+from kmim.contract.schemas import (
+    FEATURE_FORMAT_VERSION,
+    FORMAT_VERSION,
+    ShardEntry,
+    ShardIndex,
+    feature_schema,
+    token_dtype,
+)
 from kmim.contract.streams import STREAMS, Stream
 from kmim.contract.views import (
     ViewParams,
@@ -18,6 +25,7 @@ from kmim.contract.views import (
 )
 
 __all__ = [
+    "FEATURE_FORMAT_VERSION",
     "FORMAT_VERSION",
     "STREAMS",
     "ImageDecodeError",

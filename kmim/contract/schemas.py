@@ -77,16 +77,35 @@ class ShardIndex:
         return cls.from_json(fs.read_json(url), url)
 
 
-# --- patch features (Parquet, one file per input shard) --------------------------------------------
+# --- patch features (one file per input shard) ------------------------------------------------------
+# Version 1: Parquet, `<shard>.parquet` (zstd; written by kmim before feature format 2).
+# Version 2: Arrow IPC file, `<shard>.arrow`, uncompressed, one record batch per extract batch.
+# Readers tell them apart by the file's magic bytes and read both.
 
+FEATURE_FORMAT_VERSION = 2
+FEATURE_FORMAT_KEY = "kmim_feature_format"  # schema metadata key (version 2 on)
+FEATURE_EXTENSIONS = {1: "parquet", 2: "arrow"}
+FEATURE_MAGIC = {1: b"PAR1", 2: b"ARROW1"}
 FEATURE_COLUMNS = ("key", "label", "patch", "feature")
 FEATURE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-def feature_schema(dim: int, dtype: str) -> pa.Schema:
+def feature_format_of(head: bytes) -> int | None:
+    """The feature format version of a file starting with `head` (its first 6 bytes), or None."""
+    return next((v for v, magic in FEATURE_MAGIC.items() if head.startswith(magic)), None)
+
+
+def feature_schema(dim: int, dtype: str, format_version: int = FEATURE_FORMAT_VERSION) -> pa.Schema:
     """key: sample key; label: class id or null; patch: index in patchify order; feature: [dim]."""
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    if format_version not in FEATURE_EXTENSIONS:
+        raise ValueError(
+            f"feature format version must be one of {sorted(FEATURE_EXTENSIONS)}, got {format_version}"
+        )
+    metadata = {"kmim_format_version": str(FORMAT_VERSION)}
+    if format_version >= 2:
+        metadata[FEATURE_FORMAT_KEY] = str(format_version)
     return pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
@@ -94,7 +113,7 @@ def feature_schema(dim: int, dtype: str) -> pa.Schema:
             pa.field("patch", pa.int32(), nullable=False),
             pa.field("feature", pa.list_(FEATURE_DTYPES[dtype], dim), nullable=False),
         ],
-        metadata={"kmim_format_version": str(FORMAT_VERSION)},
+        metadata=metadata,
     )
 
 

@@ -7,16 +7,20 @@ import numpy as np
 from kmim import fs
 from kmim.contract.config import fingerprint_config
 from kmim.contract.manifest import InputRef, StageManifest
+from kmim.contract.schemas import FEATURE_EXTENSIONS, FEATURE_FORMAT_VERSION
 from kmim.pipeline.extract import ExtractConfig, FeatureShardWriter
 
 
-def write_feature_set(out: str, parts: list[np.ndarray], dtype: str = "float32") -> str:
+def write_feature_set(
+    out: str, parts: list[np.ndarray], dtype: str = "float32", format_version: int = FEATURE_FORMAT_VERSION
+) -> str:
+    """`part-NNNNNN.arrow` per part (`.parquet` with format_version=1, as older kmim wrote)."""
     config = ExtractConfig(image_size=32, patch_size=4, dtype=dtype)
     outputs = []
     for i, x in enumerate(parts):
-        name = f"part-{i:06d}.parquet"
+        name = f"part-{i:06d}.{FEATURE_EXTENSIONS[format_version]}"
         with fs.atomic_open(fs.join(out, name)) as sink:
-            writer = FeatureShardWriter(sink, x.shape[1], dtype)
+            writer = FeatureShardWriter(sink, x.shape[1], dtype, format_version)
             if len(x):
                 keys = [f"p{i}-{j}" for j in range(len(x))]
                 writer.write(keys, [None] * len(x), [np.array([0])] * len(x), [row[None] for row in x])

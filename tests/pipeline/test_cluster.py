@@ -124,7 +124,7 @@ def test_bad_inputs_are_clear_errors_before_any_work(tmp_path):
     nan = good.copy()
     nan[7, 1] = np.nan
     with pytest.raises(
-        InputError, match=r"part-000001\.parquet: 1 feature vectors hold NaN or Inf \(first at row 7\)"
+        InputError, match=r"part-000001\.arrow: 1 feature vectors hold NaN or Inf \(first at row 7\)"
     ):
         cluster(
             write_feature_set(str(tmp_path / "nan"), [good, nan]), str(tmp_path / "o1"), ClusterConfig(k=2)
@@ -149,14 +149,10 @@ def test_bad_inputs_are_clear_errors_before_any_work(tmp_path):
     assert not any((tmp_path / o / "codebook.json").exists() for o in ("o1", "o2", "o3", "o4"))
 
 
-def test_a_variable_length_feature_column_is_one_line_naming_the_file(tmp_path):
+def _variable_length_table():
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from kmim.pipeline.features import open_features
-
-    out = write_feature_set(str(tmp_path / "f"), [np.ones((10, 3), np.float32)])
-    table = pa.table(
+    return pa.table(
         {
             "key": ["a", "b"],
             "label": pa.array([None, None], pa.int32()),
@@ -164,8 +160,63 @@ def test_a_variable_length_feature_column_is_one_line_naming_the_file(tmp_path):
             "feature": pa.array([[1.0, 2.0], [1.0]], pa.list_(pa.float32())),
         }
     )
-    pq.write_table(table, str(tmp_path / "f" / "part-000000.parquet"))
+
+
+def test_a_variable_length_feature_column_is_one_line_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kmim.pipeline.features import open_features
+
+    # version 1 (Parquet)
+    out = write_feature_set(str(tmp_path / "f"), [np.ones((10, 3), np.float32)], format_version=1)
+    pq.write_table(_variable_length_table(), str(tmp_path / "f" / "part-000000.parquet"))
     with pytest.raises(
         InputError, match=r"part-000000\.parquet: column 'feature' is list<.*float>, expected"
     ):
         open_features(out)
+    # version 2 (Arrow IPC)
+    out = write_feature_set(str(tmp_path / "g"), [np.ones((10, 3), np.float32)])
+    table = _variable_length_table()
+    with pa.ipc.new_file(str(tmp_path / "g" / "part-000000.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(InputError, match=r"part-000000\.arrow: column 'feature' is list<.*float>, expected"):
+        open_features(out)
+
+
+def test_a_missing_or_foreign_feature_file_is_one_line_naming_the_file(tmp_path):
+    from kmim.pipeline.features import open_features
+
+    out = write_feature_set(str(tmp_path / "f"), [np.ones((10, 3), np.float32)] * 2)
+    (tmp_path / "f" / "part-000001.arrow").write_bytes(b"not features at all")
+    with pytest.raises(
+        InputError, match=r"part-000001\.arrow: missing or not a feature file \(NotAFeatureFile"
+    ):
+        open_features(out)
+    (tmp_path / "f" / "part-000001.arrow").unlink()
+    with pytest.raises(InputError, match=r"part-000001\.arrow: missing or not a feature file \(FileNotFound"):
+        open_features(out)
+
+
+def test_version_1_parquet_features_still_cluster_to_the_same_codebook(tmp_path):
+    from kmim.pipeline.features import open_features, read_feature_file
+
+    x = blobs(300, TRUE, 0.5, seed=1)
+    parts = np.array_split(x, 3)
+    v1 = write_feature_set(str(tmp_path / "v1"), parts, dtype="float16", format_version=1)
+    v2 = write_feature_set(str(tmp_path / "v2"), parts, dtype="float16")
+    assert sorted(p.name for p in (tmp_path / "v1").glob("part-*")) == [
+        f"part-00000{i}.parquet" for i in range(3)
+    ]
+    assert (tmp_path / "v1" / "part-000000.parquet").read_bytes()[:4] == b"PAR1"
+    assert (tmp_path / "v2" / "part-000000.arrow").read_bytes()[:6] == b"ARROW1"
+    f1, f2 = open_features(v1), open_features(v2)
+    assert f1.dim == f2.dim == 4 and f1.rows == f2.rows == 1500
+    for a, b in zip(f1.files, f2.files):
+        np.testing.assert_array_equal(read_feature_file(a.url, 4), read_feature_file(b.url, 4))
+    config = ClusterConfig(k=5, epochs=5, seed=2)
+    for name, feats in (("c1", v1), ("c2", v2)):
+        cluster(feats, str(tmp_path / name), config)
+    (c1, m1), (c2, m2) = load_codebook(str(tmp_path / "c1")), load_codebook(str(tmp_path / "c2"))
+    assert np.array_equal(c1, c2) and m1["cluster_sizes"] == m2["cluster_sizes"]
+    assert m1["inertia_per_epoch"] == m2["inertia_per_epoch"]

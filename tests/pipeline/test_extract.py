@@ -1,4 +1,4 @@
-"""`kmim pipeline extract` on a real local Ray, real shards, real Parquet."""
+"""`kmim pipeline extract` on a real local Ray, real shards, real Arrow IPC feature files."""
 
 import hashlib
 import io
@@ -6,7 +6,7 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 import timm
 import torch
@@ -44,7 +44,7 @@ def test_pixel_features_are_patchify_of_view0(digits_dir, tmp_path):
         result.ran and m.stats["samples"] == 1797 and m.stats["patches"] == 1797 * 64 and m.stats["dim"] == 48
     )
     assert len(m.outputs) == 8 and (out / "manifest.json").exists()
-    table = pq.read_table(out / "val-000001.parquet")
+    table = pa.ipc.open_file(out / "val-000001.arrow").read_all()
     assert table.num_rows == 103 * 64
     assert table.schema.field("feature").type.list_size == 48
     samples = {s.key: s for s in _samples(str(digits_dir / "val-000001.tar"))}
@@ -59,7 +59,8 @@ def test_pixel_features_are_patchify_of_view0(digits_dir, tmp_path):
     assert table.column("patch").to_pylist()[:64] == list(range(64))
     stats = json.loads((out / "val-000001_stats.json").read_text())
     assert set(stats["seconds"]) == {"read", "decode", "compute", "write", "total"}
-    assert hashlib.sha256((out / "val-000001.parquet").read_bytes()).hexdigest() == stats["output"]["sha256"]
+    assert hashlib.sha256((out / "val-000001.arrow").read_bytes()).hexdigest() == stats["output"]["sha256"]
+    assert stats["output"]["url"] == "val-000001.arrow" and not list(out.glob("*.parquet"))
 
 
 def test_rerun_on_finished_output_is_a_noop_and_other_config_is_refused(synthetic_dir, tmp_path):
@@ -78,17 +79,53 @@ def test_patch_sample_and_float16(synthetic_dir, tmp_path):
     config = ExtractConfig(image_size=32, patch_size=8, patches_per_image=5, dtype="float16")
     m = extract(str(synthetic_dir), str(tmp_path / "a"), config).manifest
     assert m.stats["patches"] == 60 * 5
-    t = pq.read_table(tmp_path / "a" / "train-000000.parquet")
+    t = pa.ipc.open_file(tmp_path / "a" / "train-000000.arrow").read_all()
     assert str(t.schema.field("feature").type.value_type) == "halffloat"
     per_key = {}
     for k, p in zip(t.column("key").to_pylist(), t.column("patch").to_pylist()):
         per_key.setdefault(k, []).append(p)
     assert all(len(v) == 5 and v == sorted(v) and len(set(v)) == 5 for v in per_key.values())
     assert len({tuple(v) for v in per_key.values()}) > 1  # sampled per image, not one fixed subset
-    extract(str(synthetic_dir), str(tmp_path / "b"), config)
-    assert (tmp_path / "a" / "train-000000.parquet").read_bytes() == (
-        tmp_path / "b" / "train-000000.parquet"
-    ).read_bytes()
+    assert t.schema.metadata[b"kmim_feature_format"] == b"2"
+
+
+def test_two_extracts_of_the_same_data_are_byte_identical_arrow_files(synthetic_dir, tmp_path):
+    config = ExtractConfig(image_size=32, patch_size=8, patches_per_image=5, dtype="float16", batch_size=4)
+    for name in ("a", "b"):
+        extract(str(synthetic_dir), str(tmp_path / name), config)
+    files = sorted(p.name for p in (tmp_path / "a").glob("*.arrow"))
+    assert len(files) == 4 and files == sorted(p.name for p in (tmp_path / "b").glob("*.arrow"))
+    for name in files:
+        raw = (tmp_path / "a" / name).read_bytes()
+        assert raw[:6] == b"ARROW1" and raw == (tmp_path / "b" / name).read_bytes(), name
+        assert pa.ipc.open_file(tmp_path / "a" / name).num_record_batches == 4  # one per batch of 4 of 15
+
+
+def test_feature_writer_bytes_depend_only_on_the_inputs(tmp_path):
+    from kmim import fs
+    from kmim.pipeline.extract import FeatureShardWriter
+
+    def write(path, junk):
+        _ = [np.full(1 << 16, junk, np.int64) for _ in range(8)]  # other bytes in freed memory
+        rng = np.random.default_rng(0)
+        with fs.atomic_open(str(path)) as sink:
+            writer = FeatureShardWriter(sink, 6, "float32")
+            for b in range(3):
+                labels = [None if (i + b) % 3 == 0 else i for i in range(7)]
+                writer.write(
+                    [f"k{b}-{i}" for i in range(7)],
+                    labels,
+                    [np.arange(3)] * 7,
+                    [rng.standard_normal((3, 6)) for _ in range(7)],
+                )
+            writer.close()
+        return sink
+
+    a, b = write(tmp_path / "a.arrow", -1), write(tmp_path / "b.arrow", 7)
+    assert (tmp_path / "a.arrow").read_bytes() == (tmp_path / "b.arrow").read_bytes()
+    assert a.hexdigest() == b.hexdigest() and a.nbytes == (tmp_path / "a.arrow").stat().st_size
+    table = pa.ipc.open_file(tmp_path / "a.arrow").read_all()
+    assert table.num_rows == 63 and table.column("label").to_pylist()[:6] == [None] * 3 + [1] * 3
 
 
 def test_timm_tiny_vit_features_match_a_direct_forward(synthetic_dir, tmp_path):
@@ -102,7 +139,7 @@ def test_timm_tiny_vit_features_match_a_direct_forward(synthetic_dir, tmp_path):
     m = extract(str(synthetic_dir / "train-000002.tar"), str(tmp_path / "f"), config).manifest
     assert m.stats["dim"] == 64 and m.stats["patches"] == 15 * 4
     assert m.config["extractor"]["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    t = pq.read_table(tmp_path / "f" / "train-000002.parquet")
+    t = pa.ipc.open_file(tmp_path / "f" / "train-000002.arrow").read_all()
     feats = np.asarray(t.column("feature").combine_chunks().flatten()).reshape(-1, 4, 64)
     first = _samples(str(synthetic_dir / "train-000002.tar"))[:3]
     views = np.stack([_view0(s, ViewSpec(32)) for s in first])
