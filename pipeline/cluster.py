@@ -322,12 +322,24 @@ def _load_checkpoint(out_url: str, fingerprint: str) -> tuple[np.ndarray, np.nda
     return tensors["centers"], tensors["seen"], state
 
 
+MIN_POINTS_PER_CENTROID = 39  # faiss warns below this too
+
+
 def cluster(features_url: str, output: str, config: ClusterConfig, address: str | None = None) -> StageResult:
     """Run (or resume) the cluster stage; an already complete output is returned as it is."""
     features = open_features(features_url)
     if config.k > features.rows:
         raise InputError(
             features_url, f"k = {config.k} is larger than the number of feature vectors ({features.rows})"
+        )
+    if features.rows < MIN_POINTS_PER_CENTROID * config.k:
+        log.warning(
+            "cluster: %d feature vectors for K = %d is %.1f per centroid, fewer than %d: the centers will be "
+            "noisy; extract more patches (kmim run: cluster.points_per_centroid; extract: --patches-per-image)",
+            features.rows,
+            config.k,
+            features.rows / config.k,
+            MIN_POINTS_PER_CENTROID,
         )
     if config.init_from:
         config = replace(config, init_from_sha256=fs.sha256_of(centers_file(config.init_from)))

@@ -9,11 +9,12 @@ their settings). Everything is validated when the recipe is loaded, before any s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kmim import fs
 from kmim.contract.config import Config
+from kmim.contract.patches import grid_size
 from kmim.data.digits import DigitsConfig
 from kmim.data.idx import FashionMnistConfig
 from kmim.errors import ConfigError
@@ -27,6 +28,14 @@ STAGES = ("data", "extract", "cluster", "tokenize", "train", "eval")
 BUILTINS: dict[str, type[Config]] = {"digits": DigitsConfig, "fashion-mnist": FashionMnistConfig}
 SECTIONS = ("name", "data", "extract", "cluster", "tokenize", "train", "runs", "eval")
 EVAL_CONFIGS = {"knn": KnnConfig, "linear": LinearConfig}
+
+
+DEFAULT_POINTS_PER_CENTROID = 256
+
+
+def sampled_patches(k: int, points_per_centroid: int, num_images: int) -> int:
+    """Patches per image so that num_images x it >= k x points_per_centroid (at least 1)."""
+    return max(1, -(-k * points_per_centroid // num_images))
 
 
 def write_builtin(name: str, out: str, config: Config) -> None:
@@ -67,6 +76,20 @@ class PipelineRecipe:
     runs: dict[str, list[str]]  # variant -> dotted overrides of `train`
     evals: dict[str, Any] = field(default_factory=dict)  # protocol -> KnnConfig | LinearConfig
     raw: dict = field(default_factory=dict)
+    # `cluster.points_per_centroid`: how many patch features `kmim run` extracts for clustering, K times this
+    # (faiss's max_points_per_centroid is 256 too); None: every patch of every image.
+    points_per_centroid: int | None = DEFAULT_POINTS_PER_CENTROID
+
+    def extract_for(self, num_images: int | None) -> ExtractConfig:
+        """The extract config `kmim run` uses: with `points_per_centroid`, patches are sampled per image so
+        that about K x points_per_centroid features reach clustering; an explicit
+        `extract.patches_per_image` or an unknown image count leaves the config as written."""
+        if self.points_per_centroid is None or self.extract.patches_per_image is not None or not num_images:
+            return self.extract
+        per_image = sampled_patches(self.cluster.k, self.points_per_centroid, num_images)
+        if per_image >= grid_size(self.extract.image_size, self.extract.patch_size) ** 2:
+            return self.extract
+        return replace(self.extract, patches_per_image=per_image)
 
     def train_config(self, run: str, data_train: str, output: str) -> TrainConfig:
         """The variant's resolved config (validated), reading `data_train` and writing to `output`."""
@@ -109,6 +132,17 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
             raise ConfigError(f"{path}: `{name}` must be a mapping")
         return build_config(cls, {**(extra or {}), **values}, f"{path}: {name}")
 
+    cluster_raw = dict(_mapping(raw, "cluster", path))
+    points_per_centroid = cluster_raw.pop("points_per_centroid", DEFAULT_POINTS_PER_CENTROID)
+    if points_per_centroid is not None and (
+        isinstance(points_per_centroid, bool)
+        or not isinstance(points_per_centroid, int)
+        or points_per_centroid < 1
+    ):
+        raise ConfigError(
+            f"{path}: cluster.points_per_centroid must be an integer >= 1 or null (every patch), "
+            f"got {points_per_centroid!r}"
+        )
     runs_raw = raw.get("runs") or {"default": {}}
     if not isinstance(runs_raw, dict):
         raise ConfigError(f"{path}: `runs` maps variant names to overrides")
@@ -133,12 +167,13 @@ def load_recipe(path: str, sets: list[str] = ()) -> PipelineRecipe:
             f"{path}: data",
         ),
         extract=section("extract", ExtractConfig),
-        cluster=section("cluster", ClusterConfig),
+        cluster=build_config(ClusterConfig, cluster_raw, f"{path}: cluster"),
         tokenize=section("tokenize", TokenizeConfig),
         train_raw=_mapping(raw, "train", path),
         runs=runs,
         evals=evals,
         raw=raw,
+        points_per_centroid=points_per_centroid,
     )
     for run in runs:  # every variant must build a valid training config now, not after an hour of pipeline
         recipe.train_config(run, "<tokens>", "<output>")

@@ -329,9 +329,21 @@ class Runner:
         from kmim.pipeline.extract import extract
         from kmim.pipeline.tokenize import tokenize
 
+        extract_config = r.extract_for(open_dataset(train_spec).num_samples)
+        if extract_config is not r.extract:
+            log.info(
+                "extract: %d patches per image: K = %d x %d points per centroid (cluster.points_per_centroid) "
+                "over the train images",
+                extract_config.patches_per_image,
+                r.cluster.k,
+                r.points_per_centroid,
+            )
         try:
             feats = self._pipeline_stage(
-                "extract", r.extract, [data], lambda out: extract(train_spec, out, r.extract, self.address)
+                "extract",
+                extract_config,
+                [data],
+                lambda out: extract(train_spec, out, extract_config, self.address),
             )
             codebook = self._pipeline_stage(
                 "cluster", r.cluster, [feats], lambda out: cluster(feats.path, out, r.cluster, self.address)
