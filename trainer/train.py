@@ -16,7 +16,7 @@ from kmim import fs
 from kmim.contract import streams
 from kmim.contract.config import fingerprint_config
 from kmim.contract.views import normalize
-from kmim.errors import ConfigError
+from kmim.errors import ConfigError, InputError
 from kmim.trainer.checkpoint import list_checkpoints, load_checkpoint
 from kmim.trainer.config import TrainConfig, config_from_json
 from kmim.trainer.data import TrainStream, check_shards_match_model, make_loader, open_train_shards
@@ -39,6 +39,18 @@ class Plan:
     global_batch: int  # per optimizer step, over all ranks
     lr: float
     warmup_steps: int
+
+
+def same_data(a: str, b: str) -> bool:
+    """Whether two `data.train` specs name the same shards: the same string, or indexes listing the same
+    shard bytes (sha256) in the same order, e.g. one folder spelled as a relative and an absolute path."""
+    if a == b:
+        return True
+    try:
+        first, second = open_train_shards(a), open_train_shards(b)
+    except InputError:
+        return False
+    return None not in first.sha256 and first.sha256 == second.sha256
 
 
 def make_plan(cfg: TrainConfig, samples: int, world: int) -> Plan:
@@ -150,7 +162,9 @@ def _train_locked(cfg: TrainConfig, info: DistInfo, resume: bool) -> dict:
         state = load_checkpoint(checkpoints[-1][1])
         saved = config_from_json(json.loads(state["config"]))
         # execution-only settings (checkpoint cadence, loader prefetch, log cadence) may change on resume
-        if (fingerprint_config(saved), saved.data.train) != (fingerprint_config(cfg), cfg.data.train):
+        if fingerprint_config(saved) != fingerprint_config(cfg) or not same_data(
+            saved.data.train, cfg.data.train
+        ):
             raise ConfigError(
                 f"{checkpoints[-1][1]} was made with another config; resume with the same recipe and overrides"
             )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,3 +322,21 @@ def test_two_identical_runs_write_byte_identical_checkpoints(digits_dir, tmp_pat
         train(load_config(RECIPE, args))
         made.append({p.name: p.read_bytes() for p in out.glob("checkpoint-*.pt")})
     assert made[0] and made[0] == made[1]
+
+
+def test_resume_accepts_the_same_shards_by_another_path_and_refuses_other_data(
+    digits_tokens, digits_dir, tmp_path
+):
+
+    out = tmp_path / "run"
+    index = digits_tokens / "tokens" / "train.shards.json"
+    args = [f"output={out}", "optim.epochs=1", "data.samples_per_epoch=128", "data.loader_workers=0"]
+    first = train(load_config(RECIPE, [f"data.train={index}", *args]))
+    relative = os.path.relpath(index)  # the same index, spelled relative to the working directory
+    assert train(load_config(RECIPE, [f"data.train={relative}", *args]), resume=True) == first
+    other = tmp_path / "other"  # the same layout, one shard's bytes different: other data
+    shutil.copytree(index.parent, other)
+    first_sha = json.loads(index.read_text())["shards"][0]["sha256"]
+    (other / "train.shards.json").write_text(index.read_text().replace(first_sha, "0" * 64))
+    with pytest.raises(ConfigError, match="was made with another config"):
+        train(load_config(RECIPE, [f"data.train={other / 'train.shards.json'}", *args]), resume=True)
