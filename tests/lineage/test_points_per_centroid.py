@@ -33,11 +33,11 @@ def test_the_recipe_default_samples_k_times_256_and_explicit_settings_win():
     assert load_recipe(DIGITS).points_per_centroid is None  # the digits recipe says null: every patch
     r = load_recipe(DIGITS, ["cluster.points_per_centroid=null"])
     assert r.extract_for(1438) is r.extract
-    unset = load_recipe(DIGITS, ["cluster={\"k\": 50}"])  # no key at all: the stated default
+    unset = load_recipe(DIGITS, ['cluster={"k": 50}'])  # no key at all: the stated default
     assert unset.points_per_centroid == 256
 
 
-@pytest.mark.parametrize("bad", ["0", "-3", "1.5", "true", "\"many\""])
+@pytest.mark.parametrize("bad", ["0", "-3", "1.5", "true", '"many"'])
 def test_a_bad_points_per_centroid_is_one_config_error(bad):
     with pytest.raises(ConfigError, match=r"cluster.points_per_centroid must be an integer >= 1 or null"):
         load_recipe(DIGITS, [f"cluster.points_per_centroid={bad}"])
