@@ -6,8 +6,8 @@ spherical, init, seed, ... as the cluster stage writes them) and the stage's `ma
 `.safetensors` file holding `centers` is a codebook without metadata (cluster's `init_from`).
 
 `Codebook.load` is the only reader of that format and checks it (one `InputError` naming the file and the
-reason); `Codebook.save` writes it; `Assigner` is the only nearest-center search (exact L2 in faiss, a GPU
-index when asked for and available); `normalize_rows` is the only row normalisation (spherical k-means).
+reason); `Codebook.save` writes it; `Assigner` is the only nearest-center search (exact L2: faiss, a GPU
+index when asked for and available, or a blocked torch matmul + argmin, on CUDA when faiss has no GPU); `normalize_rows` is the only row normalisation (spherical k-means).
 """
 
 from __future__ import annotations
@@ -31,25 +31,69 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 class Assigner:
-    """Nearest center by exact L2 search in faiss (a GPU index when asked for and available)."""
+    """Nearest center by exact L2 search: faiss (a GPU index when asked for and faiss has GPUs), or a
+    blocked matmul + argmin in torch (`backend="torch"`; on CUDA when a GPU is asked for and faiss has none,
+    so a GPU worker never searches on the CPU behind the user's back)."""
 
-    def __init__(self, centers: np.ndarray, use_gpu: bool = False):
+    BLOCK_ELEMENTS = 1 << 22  # rows x K scores per torch block: 16 MB of float32
+
+    def __init__(self, centers: np.ndarray, use_gpu: bool = False, backend: str = "auto"):
         import faiss  # here, not at import: the contract is imported by processes that never search
 
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend must be auto, faiss or torch, got {backend!r}")
         k, dim = centers.shape
         self.k = k
+        centers = np.ascontiguousarray(centers, dtype=np.float32)
+        faiss_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        if backend == "auto":
+            backend = "torch" if use_gpu and not faiss_gpu and _cuda_available() else "faiss"
+        self.backend = backend
+        if backend == "torch":
+            import torch
+
+            self.device = torch.device("cuda" if use_gpu and _cuda_available() else "cpu")
+            self.on_gpu = self.device.type == "cuda"
+            self._centers = torch.from_numpy(centers).to(self.device)
+            self._center_sq = (self._centers * self._centers).sum(1)
+            return
         index = faiss.IndexFlatL2(dim)
-        self.on_gpu = bool(use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+        self.on_gpu = bool(use_gpu and faiss_gpu)
         if self.on_gpu:
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
-        index.add(np.ascontiguousarray(centers, dtype=np.float32))
+        index.add(centers)
         self.index = index
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(squared distance [n] float32, label [n] int64)."""
-        d2, labels = self.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.backend == "torch":
+            return self._torch_assign(x)
+        d2, labels = self.index.search(x, 1)
         return np.maximum(d2[:, 0], 0), labels[:, 0]
+
+    def _torch_assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        d2 = np.empty(len(x), np.float32)
+        labels = np.empty(len(x), np.int64)
+        block = max(1, self.BLOCK_ELEMENTS // self.k)
+        with torch.no_grad():
+            for start in range(0, len(x), block):
+                xb = torch.from_numpy(x[start : start + block]).to(self.device)
+                # ||c||² - 2 x·c in one GEMM (addmm); ||x||² is the same for every center, added after argmin
+                scores = torch.addmm(self._center_sq, xb, self._centers.T, beta=1, alpha=-2)
+                best, idx = scores.min(1)
+                d2[start : start + len(xb)] = (best + (xb * xb).sum(1)).clamp_(min=0).cpu().numpy()
+                labels[start : start + len(xb)] = idx.cpu().numpy()
+        return d2, labels
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def centers_file(url: str) -> str:

@@ -236,3 +236,25 @@ def test_shard_stats_keep_the_stats_file_format(tmp_path):
         s.commit(str(tmp_path))
         assert json.loads((tmp_path / "train-000000_stats.json").read_text()) == d
     assert ShardStats.from_json(extract_stats).extra == {"patches": 16384, "dim": 48}
+
+
+@pytest.mark.parametrize("dim,k", [(8, 32), (48, 50), (96, 700)])
+def test_the_torch_assignment_is_the_brute_force_argmin_across_blocks(dim, k, monkeypatch):
+    monkeypatch.setattr(Assigner, "BLOCK_ELEMENTS", 64 * k + 7)  # several blocks, the last one short
+    rng = np.random.default_rng(dim)
+    centers = rng.standard_normal((k, dim)).astype(np.float32) * 2
+    x = rng.standard_normal((1500, dim)).astype(np.float32) * 3
+    d = ((x[:, None, :].astype(np.float64) - centers[None].astype(np.float64)) ** 2).sum(-1)
+    torch_assigner = Assigner(centers, backend="torch")
+    assert torch_assigner.backend == "torch" and not torch_assigner.on_gpu
+    d2, labels = torch_assigner.assign(x)
+    best = d.min(1)
+    assert labels.dtype == np.int64 and d2.dtype == np.float32
+    assert np.allclose(d[np.arange(len(x)), labels], best, rtol=1e-5, atol=1e-3)
+    assert np.allclose(d2, best, rtol=1e-4, atol=1e-2)
+    clear = np.sort(d, 1)[:, 1] - best > 1e-3 * (1 + best)  # ties aside
+    assert clear.mean() > 0.9 and np.array_equal(labels[clear], d.argmin(1)[clear])
+    assert np.array_equal(labels[clear], Assigner(centers).assign(x)[1][clear])  # faiss agrees
+    assert Assigner(centers).backend == "faiss"  # the CPU default: faiss, measured faster on one thread
+    with pytest.raises(ValueError, match="backend must be"):
+        Assigner(centers, backend="numpy")
