@@ -39,3 +39,16 @@ def test_faiss_gpu_index_when_available():
     rng = np.random.default_rng(0)
     x, c = rng.standard_normal((1000, 16)).astype(np.float32), rng.standard_normal((8, 16)).astype(np.float32)
     assert np.array_equal(Assigner(c, use_gpu=True).assign(x)[1], Assigner(c).assign(x)[1])
+
+
+def test_torch_cuda_assignment_equals_the_cpu_search():
+    rng = np.random.default_rng(1)
+    x, c = (
+        rng.standard_normal((5000, 64)).astype(np.float32),
+        rng.standard_normal((300, 64)).astype(np.float32),
+    )
+    on_gpu = Assigner(c, use_gpu=True, backend="torch")
+    assert on_gpu.on_gpu
+    d2, labels = on_gpu.assign(x)
+    ref_d2, ref_labels = Assigner(c).assign(x)
+    assert (labels == ref_labels).mean() > 0.999 and np.allclose(d2, ref_d2, rtol=1e-3, atol=1e-2)
