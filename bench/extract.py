@@ -30,6 +30,7 @@ import ray
 import torch
 
 from bench.harness import Result, add_common_args, interleave
+from kmim.contract import streams
 from kmim.contract.images import decode_rgb
 from kmim.contract.views import ViewSpec, apply_view, center_view, to_uint8_array
 from kmim.data.reader import ReadStats, iter_samples, open_dataset
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs = iter(range(10**9))
             written: list[int] = []
             images: list[int] = []
-            buffer = np.random.default_rng(0).bytes(16 * 1024**2)  # incompressible, made once
+            buffer = streams.rng("bench_features", 0).bytes(16 * 1024**2)  # incompressible, made once
 
             def pixel_extract() -> float:
                 out = f"{tmp}/f_pixel_{next(runs)}"

@@ -1016,9 +1016,10 @@ def random_codebook(k: int, dim: int, view_px: int, patch: int, extractor: str):
     """A codebook held in memory (random centers): enough for the cost of online targets."""
     import numpy as np
 
+    from kmim.contract import streams
     from kmim.contract.codebook import Codebook
 
-    centers = np.random.default_rng(0).standard_normal((k, dim)).astype(np.float32)
+    centers = streams.rng("bench_random_codebook", 0).standard_normal((k, dim)).astype(np.float32)
     meta = {"view": {"image_size": view_px, "patch_size": patch, "crop_pct": 0.875}, "spherical": False}
     meta["extractor"] = {"name": extractor, "image_size": view_px, "patch_size": patch}
     return Codebook(centers, meta)
@@ -1052,7 +1053,7 @@ def timed_train_steps(ctx: Context, target: str, steps: int, warmup: int, tokeni
     model = MaskedImageModel(cfg, s.train_k).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
     amp = autocast_dtype("auto", device)
-    gen = torch.Generator().manual_seed(0)
+    gen = streams.torch_generator("mask", 0, 0, 0)
     b, px = s.train_batch, s.train_view_px
     grid = px // s.train_patch
     views = torch.randint(0, 256, (b, px, px, 3), dtype=torch.uint8, generator=gen)

@@ -3,7 +3,8 @@
 Per epoch the shard order is a permutation seeded by (seed, epoch); each data worker of each rank reads
 its slice of it (`shards_for`), cycling if it runs out, and yields exactly its quota of samples, so
 every rank gets the same number of batches whatever the shard sizes (uneven shards never hang DDP).
-Each sample uses one of its stored views, chosen by (seed, epoch, key); the trainer replays that
+Each sample cycles through its V stored views, each once per block of V epochs in a permutation seeded by
+(seed, cycle, key) (`choose_view`); the trainer replays that
 view's recorded crop/flip with the shared contract, so the targets are exactly the tokens of the
 patches the encoder sees. Worker processes decode.
 """
@@ -103,7 +104,13 @@ def _fsspec_streams(urls: list[str], sha256: dict[str, str | None]) -> Iterator[
 
 
 def choose_view(seed: int, epoch: int, key: str, num_views: int) -> int:
-    return int(streams.rng("view_choice", seed, epoch, key_hash(key)).integers(num_views))
+    """The stored view a sample trains on in `epoch`: epochs come in cycles of V, and in each cycle the
+    sample visits its V views once, in a permutation seeded by (seed, cycle, key). So no view repeats before
+    all were used, and the view of any epoch is known without replaying the earlier ones (exact resume)."""
+    if num_views == 1:
+        return 0
+    cycle, position = divmod(epoch, num_views)
+    return int(streams.rng("view_cycle", seed, cycle, key_hash(key)).permutation(num_views)[position])
 
 
 class TrainStream(IterableDataset):

@@ -55,7 +55,9 @@ def linear(
     source: str = typer.Argument(..., help="A `kmim train` run folder or an exported encoder .safetensors."),
     train: str = typer.Option(..., help="Labelled training data (shards or image folder)."),
     val: str = typer.Option(..., help="Labelled validation data."),
-    nproc: int = typer.Option(1, help="Local DDP processes sharing the feature extraction (torchrun)."),
+    nproc: int = typer.Option(
+        1, help="Local DDP processes sharing the feature extraction (own launcher, store on 127.0.0.1)."
+    ),
     config: LinearConfig = None,  # type: ignore[assignment]  # built from the options by config_options
 ) -> None:
     """MAE linear probe: frozen encoder, BatchNorm1d(affine=False) + linear head; writes eval-linear.json."""
@@ -77,7 +79,9 @@ def knn(
     source: str = typer.Argument(..., help="A `kmim train` run folder or an exported encoder .safetensors."),
     train: str = typer.Option(..., help="Labelled training data (the neighbours)."),
     val: str = typer.Option(..., help="Labelled validation data."),
-    nproc: int = typer.Option(1, help="Local DDP processes sharing the feature extraction (torchrun)."),
+    nproc: int = typer.Option(
+        1, help="Local DDP processes sharing the feature extraction (own launcher, store on 127.0.0.1)."
+    ),
     config: KnnConfig = None,  # type: ignore[assignment]
 ) -> None:
     """Weighted k-NN on normalised frozen features (DINO's protocol); writes eval-knn.json."""
@@ -100,7 +104,7 @@ def finetune(
     train: str = typer.Option(..., help="Labelled training data (shards or image folder)."),
     val: str = typer.Option(..., help="Labelled validation data."),
     nproc: int = typer.Option(
-        1, help="Local DDP processes, launched with torchrun (gloo on CPU, NCCL on GPU)."
+        1, help="Local DDP processes (own launcher, store on 127.0.0.1; gloo on CPU, NCCL on GPU)."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last epoch checkpoint in RUN/finetune/."

@@ -22,7 +22,9 @@ def run(
     run_name: Optional[list[str]] = typer.Option(
         None, "--run", help="Only this variant of `runs:` (repeatable)."
     ),
-    nproc: int = typer.Option(1, help="DDP processes per training run (torchrun; gloo on CPU, NCCL on GPU)."),
+    nproc: int = typer.Option(
+        1, help="DDP processes per training run (own launcher; gloo on CPU, NCCL on GPU)."
+    ),
     address: Optional[str] = typer.Option(
         None, help="Ray cluster to join (default: RAY_ADDRESS or an embedded Ray)."
     ),

@@ -121,10 +121,10 @@ STREAMS: MappingProxyType[str, Stream] = _table(
     ),
     # training data order (trainer/data.py, trainer/finetune.py)
     Stream(
-        "view_choice",
-        ("seed", "epoch", "key_hash"),
-        "which stored view of a sample an epoch trains on",
-        salt=7,
+        "view_cycle",
+        ("seed", "cycle", "key_hash"),
+        "the order of a sample's stored views in one cycle of V epochs (kmim <= 0.2: view_choice, salt 7)",
+        salt=19,
     ),
     Stream(
         "shard_order",
