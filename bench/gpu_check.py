@@ -778,20 +778,10 @@ def _bf16() -> bool:
 
 
 def make_features(n: int, dim: int, seed: int):
-    """A mixture of 1,000 anisotropic Gaussians, as bench/kmeans.py makes_features: structure to find."""
-    import numpy as np
+    """bench/kmeans.py's Gaussian mixture (imported here: that module pulls in Ray, faiss and the stages)."""
+    from bench.kmeans import make_features as mixture
 
-    from kmim.contract import streams
-
-    rng = streams.rng("bench_features", seed)
-    means = rng.standard_normal((1000, dim)).astype(np.float32) * 2
-    x = np.empty((n, dim), np.float32)
-    for start in range(0, n, 50_000):
-        m = min(50_000, n - start)
-        x[start : start + m] = means[rng.integers(0, 1000, m)] + rng.standard_normal(
-            (m, dim), dtype=np.float32
-        )
-    return x
+    return mixture(n, dim, seed)
 
 
 def exact_inertia(x, centers, use_gpu: bool) -> float:
