@@ -114,3 +114,17 @@ def test_kmim_vs_mae_statistics():
     per_k = kmim_vs_mae.summarize_sweep(sweep)
     assert [r["k"] for r in per_k] == [10, 25] and [r["seeds"] for r in per_k] == [[0, 1, 2]] * 2
     assert per_k[0]["linear_mean"] == 62.0 and per_k[0]["linear_std"] == 2.0 and per_k[0]["final_loss"] == 2.0
+
+
+def test_results_doc_holds_the_fashion_mnist_measurements():
+    result = json.loads((RESULTS / "fashion_mnist.json").read_text())
+    doc = _doc()
+    table = kmim_vs_mae.markdown(result)
+    assert (RESULTS / "fashion_mnist.md").read_text().strip() == table
+    for block in table.split("\n\n"):  # every printed table, verbatim
+        assert block.strip() in doc
+    for s in result["summary"]:
+        assert kmim_vs_mae.pm(s["linear_mean"], s["linear_std"]) in doc
+    assert f"Welch p = {result['welch']['linear']['p']:.3f}" in doc
+    assert f"{result['wall_s']}" in doc and result["dataset"] == "Fashion-MNIST"
+    assert "(results/fashion_mnist.png)" in doc and (RESULTS / "fashion_mnist.png").exists()
