@@ -21,7 +21,7 @@ from kmim.contract.config import Config, output_field
 from kmim.contract.images import encode_png
 from kmim.contract.schemas import ShardIndex
 from kmim.data.reader import MAX_CLASSES
-from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, chunked, label_bytes, write_indexes
+from kmim.data.writer import DatasetWriteResult, ShardedDatasetWriter, chunked, label_bytes
 from kmim.errors import ConfigError, InputError
 from kmim.progress import ProgressReporter
 
@@ -168,10 +168,7 @@ def write_idx(
     writer = ShardedDatasetWriter(out, "data idx", config)
     with ProgressReporter(f"idx {config.split}", -(-len(images) // config.shard_size), item="images") as p:
         _write(writer, config.split, images, labels, config.image_size, config.shard_size, p)
-    result = writer.finish()
-    if kept:
-        write_indexes(writer.out, kept + result.entries)
-    return result
+    return writer.finish(kept)
 
 
 def fashion_mnist_files(source: str) -> dict[str, tuple[str, str]]:

@@ -58,7 +58,8 @@ class ShardedDatasetWriter:
             if progress is not None:
                 progress.advance(1, sink.samples)
 
-    def finish(self) -> DatasetWriteResult:
+    def finish(self, kept: list[ShardEntry] | None = None) -> DatasetWriteResult:
+        """Stats, config, then the indexes (`kept`: entries of other splits already in `out`, listed first)."""
         r = self.result
         r.seconds = time.monotonic() - self._start
         splits = sorted({e.split for e in r.entries if e.split})
@@ -75,7 +76,7 @@ class ShardedDatasetWriter:
         fs.write_json_atomic(
             fs.join(self.out, "config.json"), {"command": self.command, **asdict(self.config)}
         )  # type: ignore[call-overload]
-        write_indexes(self.out, r.entries)
+        write_indexes(self.out, (kept or []) + r.entries)
         return r
 
 
