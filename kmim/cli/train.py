@@ -34,7 +34,7 @@ def train(
         overrides.append(f"data.train={data}")
     if output:
         overrides.append(f"output={output}")
-    from kmim.trainer.distributed import is_main_process, relaunch_ranks, wants_relaunch
+    from kmim.trainer.distributed import process_info, relaunch_ranks, wants_relaunch
 
     if wants_relaunch(nproc):
         sys.exit(relaunch_ranks(nproc))
@@ -42,10 +42,15 @@ def train(
     from kmim.trainer.train import train as run
 
     summary = run(load_config(config, overrides), resume=resume)
-    if is_main_process():
+    info = process_info()
+    if info.is_main:
         typer.echo(
             f"train: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
             f"{summary['images_per_s']:.1f} images/s on {summary['world_size']} process(es)"
+        )
+    if info.distributed:  # every rank: the loss is averaged over ranks, so each must print the same number
+        typer.echo(
+            f"rank {info.rank} of {info.world_size}: step {summary['steps']}, final loss {summary['final_loss']!r}"
         )
 
 

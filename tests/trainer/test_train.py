@@ -32,13 +32,42 @@ def _losses(run_dir):
     return last
 
 
-def _listeners() -> set[tuple[str, int]]:
-    """(address as the kernel writes it, port) of every listening TCP socket on this machine."""
+def _tree(pid: int) -> set[int]:
+    """pid and every process below it (from /proc's parent links)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # not a process, or gone
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, grown = {pid}, True
+    while grown:
+        below = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= below
+        grown = bool(below)
+    return tree
+
+
+def _listeners(pid: int) -> set[tuple[str, int]]:
+    """(address as the kernel writes it, port) of every listening TCP socket of pid's process tree: only
+    ours, so tests running beside this one (pytest -n) cannot add theirs."""
+    inodes = set()
+    for p in _tree(pid):
+        try:
+            for fd in Path(f"/proc/{p}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # the process ended meanwhile
+            continue
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[3] == "0A":
+            if fields[3] == "0A" and fields[9] in inodes:
                 address, port = fields[1].rsplit(":", 1)
                 found.add((address, int(port, 16)))
     return found
@@ -150,7 +179,6 @@ def test_two_process_gloo_ddp_with_uneven_shards(digits_tokens, tmp_path):
     manifest = json.loads((digits_tokens / "tokens" / "manifest.json").read_text())
     (uneven / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "ddp"
-    before = _listeners()
     proc = subprocess.Popen(
         _cmd(
             "--data",
@@ -169,7 +197,7 @@ def test_two_process_gloo_ddp_with_uneven_shards(digits_tokens, tmp_path):
     )
     opened = set()
     while proc.poll() is None:  # every socket the launcher and its ranks listen on is on 127.0.0.1
-        opened |= _listeners() - before
+        opened |= _listeners(proc.pid)
         time.sleep(0.1)
     stdout, stderr = proc.communicate()
     proc.stdout, proc.stderr = stdout, stderr
