@@ -1157,14 +1157,12 @@ def step_ddp(ctx: Context, rec: StepRecord) -> None:
     }
     if ctx.gpus >= 2 and not ctx.smoke:
         backend, where = "nccl", "2 GPUs"
+    elif ctx.gpus == 1 and not ctx.smoke:
+        # kmim's choose_backend: two local ranks on one GPU get gloo (NCCL refuses a shared device)
+        backend, where = "gloo", "1 GPU shared by both ranks"
     else:
         backend, where = "gloo", "CPU"
-        env["CUDA_VISIBLE_DEVICES"] = ""  # kmim picks NCCL and cuda:{local_rank} whenever CUDA is visible
-        if ctx.gpus == 1 and not ctx.smoke:
-            rec.notes.append(
-                "one GPU: two ranks cannot share it in kmim (init_distributed takes NCCL and sets "
-                "cuda:{local_rank} whenever CUDA is visible), so both runs are on the CPU with gloo"
-            )
+        env["CUDA_VISIBLE_DEVICES"] = ""
         if ctx.smoke:
             env["OMP_NUM_THREADS"] = "1"
             rec.skipped_parts.append({"part": "NCCL on GPUs", "reason": "CPU smoke mode: gloo on the CPU"})

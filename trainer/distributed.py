@@ -5,7 +5,7 @@ process group. Nothing else reads RANK or SLURM_PROCID.
 Works under `kmim train --nproc N` (which starts N local ranks itself, everything on 127.0.0.1), an external
 torchrun, or Slurm's `srun` without
 torchrun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR defaults to 127.0.0.1 and MASTER_PORT
-to 29500, both settable). gloo on CPU, NCCL on GPU. torch is imported only where a process group is
+to 29500, both settable). gloo on CPU, NCCL when each local rank has its own GPU, else gloo. torch is imported only where a process group is
 made, so that the CLI decides about relaunching without loading it.
 """
 
@@ -177,6 +177,28 @@ def split_evenly(total: int, parts: int, index: int) -> int:
     return total // parts + (1 if index < total % parts else 0)
 
 
+def local_world_size(env: Mapping[str, str], world: int) -> int:
+    """Ranks on this machine: torchrun's (and `--nproc`'s) LOCAL_WORLD_SIZE, else Slurm's tasks on this node
+    (SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, e.g. `2` or `2(x3)`), else the whole world."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if env.get(name):
+            return int(env[name].split("(")[0].split(",")[0])
+    return world
+
+
+def choose_backend(cuda_devices: int, local_world: int) -> str:
+    """NCCL when every local rank has a GPU of its own (NCCL refuses two ranks on one device); else gloo,
+    which also runs ranks that share a GPU (e.g. `--nproc 2` on a one-GPU machine)."""
+    return "nccl" if cuda_devices > 0 and local_world <= cuda_devices else "gloo"
+
+
+def cuda_index(local_rank: int, cuda_devices: int) -> int:
+    """The GPU of a local rank: its own, or shared round-robin when there are more ranks than GPUs."""
+    return local_rank % cuda_devices
+
+
 def init_distributed() -> DistInfo:
     import torch
     import torch.distributed as dist
@@ -184,13 +206,14 @@ def init_distributed() -> DistInfo:
     rank, world, local_rank = env_ranks(os.environ)
     if world == 1:
         return DistInfo()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = choose_backend(devices, local_world_size(os.environ, world))
     addr = os.environ.setdefault("MASTER_ADDR", LOOPBACK)
     port = int(os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT))
     if addr in (LOOPBACK, "localhost") and backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a single-node run talks over loopback only
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+    if devices:
+        torch.cuda.set_device(cuda_index(local_rank, devices))
     store = None
     if (
         addr == LOOPBACK and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
@@ -226,7 +249,9 @@ def loopback_store(port: int, rank: int, world: int) -> TCPStore:
 def device_for(info: DistInfo) -> torch.device:
     import torch
 
-    return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{cuda_index(info.local_rank, torch.cuda.device_count())}")
 
 
 def cleanup(info: DistInfo) -> None:

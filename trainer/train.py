@@ -123,7 +123,8 @@ def _train_locked(cfg: TrainConfig, info: DistInfo, resume: bool) -> dict:
     elif cfg.model.target == "online":
         from kmim.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_codebook(cfg.data.codebook, cfg.data.weights)  # type: ignore[arg-type]
+        # the extractor on the training device: on a GPU run, online targets must not run a ViT on the CPU
+        tokenizer = Tokenizer.from_codebook(cfg.data.codebook, cfg.data.weights, str(device))  # type: ignore[arg-type]
         if (tokenizer.view_spec.image_size, tokenizer.patch_size) != (
             cfg.model.image_size,
             cfg.model.patch_size,

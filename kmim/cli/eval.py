@@ -104,7 +104,8 @@ def finetune(
     train: str = typer.Option(..., help="Labelled training data (shards or image folder)."),
     val: str = typer.Option(..., help="Labelled validation data."),
     nproc: int = typer.Option(
-        1, help="Local DDP processes (own launcher, store on 127.0.0.1; gloo on CPU, NCCL on GPU)."
+        1,
+        help="Local DDP processes (own launcher, store on 127.0.0.1; gloo on CPU, NCCL with a GPU per rank, else gloo).",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last epoch checkpoint in RUN/finetune/."

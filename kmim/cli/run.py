@@ -23,7 +23,8 @@ def run(
         None, "--run", help="Only this variant of `runs:` (repeatable)."
     ),
     nproc: int = typer.Option(
-        1, help="DDP processes per training run (own launcher; gloo on CPU, NCCL on GPU)."
+        1,
+        help="DDP processes per training run (own launcher; gloo on CPU, NCCL with a GPU per rank, else gloo).",
     ),
     address: Optional[str] = typer.Option(
         None, help="Ray cluster to join (default: RAY_ADDRESS or an embedded Ray)."

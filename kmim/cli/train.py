@@ -22,7 +22,8 @@ def train(
     data: Optional[str] = typer.Option(None, help="Training shards (overrides data.train)."),
     output: Optional[str] = typer.Option(None, help="Run folder (overrides output)."),
     nproc: int = typer.Option(
-        1, help="Local DDP processes (own launcher, store on 127.0.0.1; gloo on CPU, NCCL on GPU)."
+        1,
+        help="Local DDP processes (own launcher, store on 127.0.0.1; gloo on CPU, NCCL with a GPU per rank, else gloo).",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in the output folder from its latest checkpoint."

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 
 from kmim.trainer.distributed import (
+    choose_backend,
     command_args,
+    cuda_index,
     env_ranks,
     free_port,
     is_main_process,
     local_rank_env,
+    local_world_size,
     loopback_store,
     process_info,
     shards_for,
@@ -31,6 +34,26 @@ def test_env_ranks_from_torchrun_slurm_or_nothing():
     assert env_ranks({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}) == (5, 16, 1)
     assert env_ranks({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "9", "SLURM_NTASKS": "16"}) == (0, 2, 0)
     assert env_ranks({}) == (0, 1, 0)
+
+
+def test_nccl_only_when_every_local_rank_has_its_own_gpu():
+    assert choose_backend(cuda_devices=0, local_world=1) == "gloo"
+    assert choose_backend(cuda_devices=8, local_world=8) == "nccl"
+    assert (
+        choose_backend(cuda_devices=1, local_world=2) == "gloo"
+    )  # `--nproc 2` on one GPU: NCCL would refuse
+    assert [cuda_index(r, 1) for r in range(2)] == [0, 0] and [cuda_index(r, 4) for r in range(6)] == [
+        0,
+        1,
+        2,
+        3,
+        0,
+        1,
+    ]
+    assert local_world_size({"LOCAL_WORLD_SIZE": "2", "SLURM_TASKS_PER_NODE": "8"}, 16) == 2
+    assert local_world_size({"SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, 8) == 4
+    assert local_world_size({"SLURM_TASKS_PER_NODE": "3,2"}, 5) == 3
+    assert local_world_size({}, 4) == 4
 
 
 def test_shards_for_covers_every_shard_once_per_epoch_when_enough():
