@@ -98,9 +98,10 @@ class PixelExtractor:
         self.channel = np.arange(self.dim) % 3  # patchify puts the channel last: (p, q, c)
 
     def __call__(self, views: np.ndarray) -> torch.Tensor:
-        n, side, _, c = views.shape
-        p, g = self.spec.patch_size, side // self.spec.patch_size
-        patches = views.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, p * p * c)
+        n, height, width, c = views.shape  # any H x W of whole patches (grid renders are not square)
+        p = self.spec.patch_size
+        gh, gw = height // p, width // p
+        patches = views.reshape(n, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, p * p * c)
         return torch.from_numpy(self.table[patches, self.channel])  # [B, L, p*p*3] float32
 
 
@@ -137,7 +138,7 @@ def load_state_dict(url: str) -> dict[str, torch.Tensor]:
 class TimmExtractor:
     """Patch tokens of the last block (after the final norm) of any timm ViT, prefix tokens removed."""
 
-    def __init__(self, spec: ExtractorSpec, device: str = "cpu"):
+    def __init__(self, spec: ExtractorSpec, device: str = "cpu", any_size: bool = False):
         import timm
 
         self.spec = spec
@@ -146,8 +147,11 @@ class TimmExtractor:
             # Without weights the model is a random init; seeding it makes every worker build the same one.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(streams.seed_state("extractor_init"))
+                # any_size (grid views): position embeddings resampled to the input's grid; at image_size
+                # itself the features are the same as without it
+                extra = {"dynamic_img_size": True} if any_size else {}
                 model = timm.create_model(
-                    spec.model_name, pretrained=False, num_classes=0, img_size=spec.image_size
+                    spec.model_name, pretrained=False, num_classes=0, img_size=spec.image_size, **extra
                 )
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"cannot build timm model {spec.model_name!r}: {e}") from None
@@ -197,5 +201,8 @@ class TimmExtractor:
         return tokens[:, self.model.num_prefix_tokens :].float().cpu()  # [B, L, D]
 
 
-def build_extractor(spec: ExtractorSpec, device: str = "cpu") -> PixelExtractor | TimmExtractor:
-    return PixelExtractor(spec) if spec.name == "pixel" else TimmExtractor(spec, device)
+def build_extractor(
+    spec: ExtractorSpec, device: str = "cpu", any_size: bool = False
+) -> PixelExtractor | TimmExtractor:
+    """any_size: views of any whole-patch H x W, not only image_size (grid views)."""
+    return PixelExtractor(spec) if spec.name == "pixel" else TimmExtractor(spec, device, any_size)

@@ -56,7 +56,12 @@ class Tokenizer:
     opts in): the same views give the same tokens on every machine."""
 
     def __init__(
-        self, codebook: Codebook, spec: ExtractorSpec, device: str = "cpu", gpu_search: bool = False
+        self,
+        codebook: Codebook,
+        spec: ExtractorSpec,
+        device: str = "cpu",
+        gpu_search: bool = False,
+        any_size: bool = False,
     ):
         self.codebook, self.spec, self.gpu_search = codebook, spec, gpu_search
         self.meta = codebook.meta
@@ -64,7 +69,7 @@ class Tokenizer:
         self.spherical = codebook.spherical
         self.view_spec = codebook.view_spec
         self.patch_size = codebook.patch_size
-        self.extractor = build_extractor(spec, device)
+        self.extractor = build_extractor(spec, device, any_size)  # any_size: grid renders
         if self.extractor.dim != codebook.dim:
             raise InputError(
                 spec.name, f"extractor features have dim {self.extractor.dim}, the codebook {codebook.dim}"

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from kmim import fs
 from kmim.contract.codebook import centers_file
 from kmim.contract.config import Config, execution_field, output_field
+from kmim.contract.grid import GridSpec
 from kmim.contract.views import ViewSpec
+from kmim.errors import ConfigError
 from kmim.extractors import ExtractorSpec
 from kmim.tcas import FORMS
 
@@ -113,6 +115,21 @@ class TokenizeConfig(Config):
         2, help="Views per image: view 0 = center crop, the rest RandomResizedCrop + flip.", ge=1
     )
     seed: int = output_field(0, help="Seed of the random views.", ge=0)
+    grid_scales: str | None = output_field(
+        None,
+        added=True,
+        help="Grid views (kmim/contract/grid.py) instead of stored views: render view 0's box at these "
+        "scales (comma-separated, >= 1, with 1.0) and tokenize each whole patch grid; training draws a "
+        "patch-aligned window. Needs views = 1.",
+    )
+    grid_aspects: str = output_field(
+        "1.0",
+        added=True,
+        help="Grid views: window width/height ratios (comma-separated, with 1.0), one render each.",
+    )
+    grid_flip: bool = output_field(
+        False, added=True, help="Grid views: a mirrored render of each scale and aspect too."
+    )
     tcas_form: str = output_field(
         "C", help="TCAS first term: 'C' ((1 - C_ii)^2) or 'norm' ((1 - ||R_i||)^2).", choices=FORMS
     )
@@ -124,3 +141,16 @@ class TokenizeConfig(Config):
     gpus_per_worker: float = execution_field(0.0, help="GPUs per Ray actor.", ge=0.0)
     cpus_per_worker: float = execution_field(1.0, help="CPUs per Ray actor.", gt=0.0)
     max_retries: int = execution_field(2, help="Retries of a failed shard before it is reported.", ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid_spec() is not None and self.views != 1:
+            raise ConfigError(
+                f"tokenize.views must be 1 with grid_scales (the grid renders replace stored views), got {self.views}"
+            )
+
+    def grid_spec(self) -> GridSpec | None:
+        """The grid renders asked for, or None (stored views)."""
+        if self.grid_scales is None:
+            return None
+        return GridSpec.parse(str(self.grid_scales), str(self.grid_aspects), bool(self.grid_flip))

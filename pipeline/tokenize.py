@@ -2,7 +2,8 @@
 
 One output tar per input shard, same keys in the same order. Per sample: the source image bytes
 unchanged, the label, `tokens.npy` [V, H/p, W/p] and `views.json` (the V recorded views: view 0 the
-center view, views 1..V-1 RandomResizedCrop + flip seeded by (seed, key, view)). While tokenizing, the
+center view, views 1..V-1 RandomResizedCrop + flip seeded by (seed, key, view)); or, with `grid_scales`
+(token format 2, kmim/contract/grid.py), `grid.npy` + `grid.json`: every render's whole patch grid. While tokenizing, the
 token x class co-occurrence of view 0 is counted per shard and reduced on the driver into the TCAS
 report. `tcas_report` runs the same workers without writing shards (`kmim eval tcas`).
 """
@@ -20,17 +21,20 @@ import torch
 
 from kmim import fs
 from kmim.contract.codebook import Codebook
+from kmim.contract.grid import GRID_FORMAT_VERSION, make_renders, render_image
 from kmim.contract.manifest import digest
 from kmim.contract.patches import grid_size
 from kmim.contract.schemas import (
     FORMAT_VERSION,
+    GRID_MEMBER,
+    GRID_META_MEMBER,
     LABEL_MEMBER,
     TOKENS_MEMBER,
     VIEWS_MEMBER,
     ShardEntry,
     token_dtype,
 )
-from kmim.contract.views import apply_view, make_views, to_uint8_array
+from kmim.contract.views import apply_view, center_view, make_views, to_uint8_array
 from kmim.data.reader import Dataset, ReadStats, ShardRef, iter_images, open_dataset
 from kmim.data.tar import write_tar_shard
 from kmim.data.writer import write_indexes
@@ -68,8 +72,12 @@ class TokenizeWorker(ShardWorker):
 
         faiss.omp_set_num_threads(max(1, int(self.config.cpus_per_worker)))
         device = "cuda" if self.config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.tokenizer = Tokenizer(Codebook.load(codebook), ExtractorSpec.from_json(spec), device)
+        grid_spec = self.config.grid_spec()
+        self.tokenizer = Tokenizer(
+            Codebook.load(codebook), ExtractorSpec.from_json(spec), device, any_size=grid_spec is not None
+        )
         self.grid = grid_size(self.tokenizer.view_spec.image_size, self.tokenizer.patch_size)
+        self.renders = make_renders(grid_spec, self.grid) if grid_spec is not None else None
         self.dtype = token_dtype(self.tokenizer.k)
         self.out_url, self.fingerprint = out_url, fingerprint
 
@@ -82,7 +90,19 @@ class TokenizeWorker(ShardWorker):
         pending: list[tuple] = []
         start = time.perf_counter()
 
-        def flush(sink) -> None:
+        def count(sample, view0_ids: np.ndarray) -> None:  # noqa: ANN001 - TCAS counts view 0 only
+            view0 = np.bincount(view0_ids.ravel().astype(np.int64), minlength=tok.k)
+            codes[:] += view0
+            if sample.label is not None:
+                cooc[sample.label] = cooc.get(sample.label, 0) + view0
+
+        def write(sink, sample, token_members: dict) -> None:  # noqa: ANN001
+            members = {sample.ext: sample.image}
+            if sample.label is not None:
+                members[LABEL_MEMBER] = str(sample.label).encode()
+            sink.write(sample.key, {**members, **token_members})
+
+        def flush_views(sink) -> None:  # noqa: ANN001 - format 1: V stored views per sample
             t0 = time.perf_counter()
             ids = tok(np.concatenate([views for *_, views in pending]))  # [B*V, L]
             t1 = time.perf_counter()
@@ -93,35 +113,64 @@ class TokenizeWorker(ShardWorker):
                     .reshape(c.views, self.grid, self.grid)
                     .astype(self.dtype)
                 )
-                view0 = np.bincount(grid[0].ravel().astype(np.int64), minlength=tok.k)
-                codes[:] += view0
-                if sample.label is not None:
-                    cooc[sample.label] = cooc.get(sample.label, 0) + view0
+                count(sample, grid[0])
                 if sink is not None:
-                    members = {sample.ext: sample.image}
-                    if sample.label is not None:
-                        members[LABEL_MEMBER] = str(sample.label).encode()
-                    members[TOKENS_MEMBER] = encode_npy(grid)
-                    members[VIEWS_MEMBER] = json.dumps(
-                        {
-                            "width": size[0],
-                            "height": size[1],
-                            "seed": c.seed,
-                            "views": [p.to_json() for p in params],
-                        }
-                    ).encode()
-                    sink.write(sample.key, members)
+                    views_json = {"width": size[0], "height": size[1], "seed": c.seed}
+                    views_json["views"] = [p.to_json() for p in params]
+                    write(
+                        sink,
+                        sample,
+                        {TOKENS_MEMBER: encode_npy(grid), VIEWS_MEMBER: json.dumps(views_json).encode()},
+                    )
             seconds["write"] += time.perf_counter() - t1
+
+        def flush_grid(sink) -> None:  # noqa: ANN001 - format 2: every render's whole patch grid
+            renders = self.renders or []
+            t0 = time.perf_counter()
+            per_render = [tok(np.stack([rendered[r.render] for *_, rendered in pending])) for r in renders]
+            t1 = time.perf_counter()
+            seconds["compute"] += t1 - t0
+            for i, (sample, box, size, _) in enumerate(pending):
+                count(sample, per_render[0][i])  # render 0 is view 0
+                if sink is not None:
+                    flat = np.concatenate([ids[i] for ids in per_render]).astype(self.dtype)
+                    meta = {
+                        "format": GRID_FORMAT_VERSION,
+                        "width": size[0],
+                        "height": size[1],
+                        "box": box.to_json(),
+                        "patch_size": tok.patch_size,
+                        "grid": self.grid,
+                        "renders": [r.to_json() for r in renders],
+                    }
+                    write(
+                        sink,
+                        sample,
+                        {GRID_MEMBER: encode_npy(flat), GRID_META_MEMBER: json.dumps(meta).encode()},
+                    )
+            seconds["write"] += time.perf_counter() - t1
+
+        def flush(sink) -> None:  # noqa: ANN001
+            (flush_views if self.renders is None else flush_grid)(sink)
             pending.clear()
 
-        def run(sink) -> None:
+        per_sample = c.views if self.renders is None else len(self.renders)
+
+        def run(sink) -> None:  # noqa: ANN001
             for sample, img in iter_images(shard, stats, seconds=seconds):
                 t0 = time.perf_counter()
-                params = make_views(img.width, img.height, tok.view_spec, c.seed, sample.key, c.views)
-                views = np.stack([to_uint8_array(apply_view(img, p)) for p in params])
+                if self.renders is None:
+                    params = make_views(img.width, img.height, tok.view_spec, c.seed, sample.key, c.views)
+                    views = np.stack([to_uint8_array(apply_view(img, p)) for p in params])
+                    pending.append((sample, params, img.size, views))
+                else:
+                    box = center_view(img.width, img.height, tok.view_spec)
+                    rendered = [
+                        to_uint8_array(render_image(img, box, r, tok.patch_size)) for r in self.renders
+                    ]
+                    pending.append((sample, box, img.size, rendered))
                 seconds["decode"] += time.perf_counter() - t0
-                pending.append((sample, params, img.size, views))
-                if len(pending) * c.views >= c.batch_size:
+                if len(pending) * per_sample >= c.batch_size:
                     flush(sink)
             if pending:
                 flush(sink)
@@ -214,6 +263,7 @@ def tokenize(
     """Run (or resume) the tokenize stage; an already complete output is returned as it is."""
     dataset, book, spec = _prepare(input, codebook, config.weights)
     meta = book.meta
+    grid = grid_size(meta["view"]["image_size"], meta["view"]["patch_size"])
     codebook_fp = fs.read_json(fs.join(codebook, "manifest.json"))["fingerprint"]
     from_codebook = {  # the fingerprint holds the codebook's identity and views, not the path to it
         "codebook_fingerprint": codebook_fp,
@@ -254,6 +304,8 @@ def tokenize(
             **run.counts(),
             "k": book.k,
             "views": config.views,
+            "token_format": 1 if config.grid_spec() is None else GRID_FORMAT_VERSION,
+            "renders": None if config.grid_spec() is None else len(make_renders(config.grid_spec(), grid)),
             "tcas": report["tcas"]["tcas"] if report.get("tcas") else None,
             "usage": report["usage"],
         }
@@ -314,8 +366,9 @@ def summary_line(result: StageResult, output: str) -> str:
     if not result.ran:
         return f"tokenize: {output} is already complete ({s['samples']} images); nothing to do"
     tcas_text = f"TCAS {s['tcas']:.4f}" if s.get("tcas") is not None else "no labels, no TCAS"
+    per_image = f"{s['renders']} grid renders" if s.get("renders") else f"{s['views']} views"
     return (
-        f"tokenize: {s['samples']} images x {s['views']} views -> {s['shards']} token shards at {output}; "
+        f"tokenize: {s['samples']} images x {per_image} -> {s['shards']} token shards at {output}; "
         f"{tcas_text}; {s['usage']['used_codes']}/{s['k']} codes used (perplexity {s['usage']['perplexity']:.1f}); "
         f"{s['num_skipped']} skipped; {s['shards_reused']} shards reused; {s['wall_seconds']:.1f}s"
     )

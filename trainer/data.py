@@ -6,7 +6,8 @@ every rank gets the same number of batches whatever the shard sizes (uneven shar
 Each sample cycles through its V stored views, each once per block of V epochs in a permutation seeded by
 (seed, cycle, key) (`choose_view`); the trainer replays that
 view's recorded crop/flip with the shared contract, so the targets are exactly the tokens of the
-patches the encoder sees. Worker processes decode.
+patches the encoder sees. Grid-view shards (token format 2) instead give a patch-aligned window of one render
+per sample and epoch (`kmim/contract/grid.py`). Worker processes decode.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kmim import fs
 from kmim.contract import streams
+from kmim.contract.grid import Render, check_grid, draw_window, render_image, split_tokens
 from kmim.contract.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb
 from kmim.contract.manifest import StageManifest
-from kmim.contract.schemas import INDEX_NAME, LABEL_MEMBER, TOKENS_MEMBER, VIEWS_MEMBER, ShardIndex
+from kmim.contract.schemas import (
+    GRID_MEMBER,
+    GRID_META_MEMBER,
+    INDEX_NAME,
+    LABEL_MEMBER,
+    TOKENS_MEMBER,
+    VIEWS_MEMBER,
+    ShardIndex,
+)
 from kmim.contract.views import ViewParams, ViewSpec, apply_view, key_hash, random_view, to_uint8_array
 from kmim.errors import ConfigError, InputError
 from kmim.trainer.distributed import shards_for, split_evenly
@@ -224,6 +234,8 @@ class TrainStream(IterableDataset):
         except ImageDecodeError:
             return None  # counted by the pipeline stage that wrote the shard; here it is only skipped
         label = parse_label(sample.get(LABEL_MEMBER))
+        if GRID_MEMBER in sample and GRID_META_MEMBER in sample:
+            return self._grid_window(sample, img, label)
         if TOKENS_MEMBER in sample and VIEWS_MEMBER in sample:
             tokens, views = self._checked_tokens(sample)
             v = choose_view(self.seed, self.epoch, key, len(views))
@@ -234,6 +246,26 @@ class TrainStream(IterableDataset):
         view = random_view(img.width, img.height, self.view_spec, self.seed, key, 1 + self.epoch)
         pixels = to_uint8_array(apply_view(img, view))
         return pixels, np.full(1, -1, dtype=np.int64), label
+
+    def _grid_window(self, sample: dict, img, label: int) -> tuple[np.ndarray, np.ndarray, int]:  # noqa: ANN001
+        """Grid views (token format 2): this epoch's render and G x G window, cut from the tokens and from the
+        same render's pixels, so the encoder sees exactly the patches whose tokens are the targets."""
+        where = f"{sample.get('__url__')}:{sample['__key__']}"
+        try:
+            flat = np.load(io.BytesIO(sample[GRID_MEMBER]), allow_pickle=False)
+            meta = json.loads(sample[GRID_META_MEMBER])
+        except (ValueError, OSError, json.JSONDecodeError) as e:
+            raise InputError(where, f"unreadable grid.npy / grid.json ({type(e).__name__}: {e})") from None
+        problem = check_grid(flat, meta, self.num_tokens, self.grid)
+        if problem:
+            raise InputError(where, f"{problem}; run `kmim verify` on the shards")
+        renders = [Render.from_json(r) for r in meta["renders"]]
+        g, p = int(meta["grid"]), int(meta["patch_size"])
+        r, top, left = draw_window(self.seed, self.epoch, sample["__key__"], renders, g)
+        tokens = split_tokens(flat, renders)[r][top : top + g, left : left + g]
+        rendered = to_uint8_array(render_image(img, ViewParams.from_json(meta["box"]), renders[r], p))
+        pixels = np.ascontiguousarray(rendered[top * p : (top + g) * p, left * p : (left + g) * p])
+        return pixels, tokens.reshape(-1).astype(np.int64), label
 
 
 def parse_label(raw: bytes | None) -> int:

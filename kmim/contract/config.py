@@ -31,6 +31,9 @@ FOLDED = (
     "kmim_folded"  # enters the fingerprint through the config's fingerprint_extra() (e.g. by content hash)
 )
 DERIVED = "kmim_derived"  # filled in by the stage itself, not a user setting (no CLI option)
+# Added after outputs were made without it: in the fingerprint only when set away from its default, so every
+# output made before the field existed keeps its fingerprint (and is reused, not redone).
+ADDED = "kmim_added"
 
 
 def _field(
@@ -42,6 +45,7 @@ def _field(
     bounds: dict,
     folded: bool,
     derived: bool,
+    added: bool = False,
 ) -> Any:
     metadata = {
         ROLE: role,
@@ -50,6 +54,7 @@ def _field(
         BOUNDS: bounds,
         FOLDED: folded,
         DERIVED: derived,
+        ADDED: added,
     }
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -64,13 +69,15 @@ def output_field(
     aliases: tuple[str, ...] = (),
     folded: bool = False,
     derived: bool = False,
+    added: bool = False,
     **bounds: Any,
 ) -> Any:
     """A field that changes what is written: part of the fingerprint.
 
     folded: the value enters through the config's `fingerprint_extra()` instead of as itself (a file path
-    that enters by the sha256 of its bytes). derived: filled in by the stage, not a user setting."""
-    return _field("output", default, default_factory, help, aliases, bounds, folded, derived)
+    that enters by the sha256 of its bytes). derived: filled in by the stage, not a user setting. added: a
+    field new since outputs were made without it; it enters the fingerprint only away from its default."""
+    return _field("output", default, default_factory, help, aliases, bounds, folded, derived, added)
 
 
 def execution_field(
@@ -109,6 +116,8 @@ def fingerprint_config(cfg: Any) -> dict:
         if is_execution(f) or f.metadata.get(FOLDED):
             continue
         value = getattr(cfg, f.name)
+        if f.metadata.get(ADDED) and value == f.default:
+            continue
         out[f.name] = fingerprint_config(value) if is_dataclass(value) else _plain(value)
     extra = getattr(cfg, "fingerprint_extra", None)
     if extra is not None:
@@ -124,6 +133,8 @@ def legacy_config(cfg: Any) -> dict:
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
+        if f.metadata.get(ADDED) and value == f.default:
+            continue  # kmim 0.1 had no such field
         name = (f.metadata.get(ALIASES) or (f.name,))[0]
         out[name] = legacy_config(value) if is_dataclass(value) else _plain(value)
     return out

@@ -140,7 +140,14 @@ CODEBOOK_META = "codebook.json"
 #   <key>.tokens.npy    token ids [V, H/p, W/p], uint16 when K <= 65535 else int32
 #   <key>.views.json    list of V recorded ViewParams
 
+# Grid views (token shard format 2, kmim/contract/grid.py), instead of tokens.npy + views.json:
+#   <key>.grid.npy      token ids of every render's whole patch grid, concatenated row-major (1-D)
+#   <key>.grid.json     {"format": 2, "width", "height", "box": view 0's ViewParams, "patch_size", "grid",
+#                        "renders": [{"render", "scale", "aspect", "flip", "rows", "cols"}, ...]}
+
 TOKENS_MEMBER = "tokens.npy"
+GRID_MEMBER = "grid.npy"
+GRID_META_MEMBER = "grid.json"
 VIEWS_MEMBER = "views.json"
 LABEL_MEMBER = "cls"
 

@@ -127,6 +127,12 @@ STREAMS: MappingProxyType[str, Stream] = _table(
         salt=19,
     ),
     Stream(
+        "grid_window",
+        ("seed", "epoch", "key_hash"),
+        "grid views: the render and the patch-aligned window a sample trains on in an epoch",
+        salt=23,
+    ),
+    Stream(
         "shard_order",
         ("seed", "epoch"),
         "an epoch's shard permutation before it is split over slots",

@@ -164,3 +164,19 @@ def test_execution_settings_leave_every_folder_where_it_was(tmp_path):
         "tokenize.gpus_per_worker=0.5",
     ]
     assert _planned(load_recipe(RECIPE, sets), str(tmp_path)) == base
+
+
+def test_a_field_added_later_keeps_old_fingerprints_until_it_is_set():
+    """Tokenize outputs made before grid views existed keep their fingerprint (they are reused, not redone);
+    setting the new fields changes it."""
+    from kmim.pipeline.configs import TokenizeConfig
+
+    plain = fingerprint_config(TokenizeConfig())
+    assert not [k for k in plain if k.startswith("grid_")]
+    assert plain == {"views": 2, "seed": 0, "tcas_form": "C"}
+    grid = fingerprint_config(TokenizeConfig(views=1, grid_scales="1.0,1.5"))
+    assert grid["grid_scales"] == "1.0,1.5" and "grid_flip" not in grid
+    assert (
+        fingerprint_config(TokenizeConfig(views=1, grid_scales="1.0,1.5", grid_flip=True))["grid_flip"]
+        is True
+    )
