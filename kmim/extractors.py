@@ -8,6 +8,7 @@ targets, so that a codebook is always applied with the extractor it was built fr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -37,12 +38,21 @@ class ExtractorSpec:
     patch_size: int
     weights: str | None = None  # local path or fsspec URL (.safetensors, or .pth/.pt loaded weights_only)
     weights_sha256: str | None = None
+    # timm only: the block whose output is the feature (negative: from the end; None: the last block) and
+    # whether the model's final norm is applied to it. Recorded (and fingerprinted) only when not the default,
+    # so specs made before these existed keep their fingerprints.
+    layer: int | None = None
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.name != "pixel" and not (self.name.startswith("timm:") and len(self.name) > 5):
             raise ConfigError(f"extractor must be 'pixel' or 'timm:MODEL', got {self.name!r}")
         if self.name == "pixel" and self.weights:
             raise ConfigError("the pixel extractor takes no weights")
+        if self.name == "pixel" and (self.layer is not None or not self.final_norm):
+            raise ConfigError(
+                "the pixel extractor has no layers: --layer and --no-final-norm are for timm:MODEL"
+            )
         try:
             grid_size(self.image_size, self.patch_size)
         except ValueError as e:
@@ -57,9 +67,18 @@ class ExtractorSpec:
     def model_name(self) -> str | None:
         return self.name[5:] if self.name.startswith("timm:") else None
 
+    def _fields(self) -> dict:
+        """Every field, less the later ones at their defaults (older specs had none of them)."""
+        out = asdict(self)
+        if self.layer is None:
+            out.pop("layer")
+        if self.final_norm:
+            out.pop("final_norm")
+        return out
+
     @property
     def fingerprint(self) -> str:
-        ident = asdict(self)
+        ident = self._fields()
         ident.pop("weights")  # where the file lives does not matter, its content does
         return digest(ident)
 
@@ -69,17 +88,22 @@ class ExtractorSpec:
             return self
         if not fs.exists(self.weights):
             raise InputError(self.weights, "weights file not found")
-        return ExtractorSpec(
-            self.name, self.image_size, self.patch_size, self.weights, fs.sha256_of(self.weights)
-        )
+        return dataclasses.replace(self, weights_sha256=fs.sha256_of(self.weights))
 
     def to_json(self) -> dict:
-        return {**asdict(self), "fingerprint": self.fingerprint}
+        return {**self._fields(), "fingerprint": self.fingerprint}
 
     @classmethod
     def from_json(cls, d: dict) -> ExtractorSpec:
+        layer = d.get("layer")
         return cls(
-            d["name"], int(d["image_size"]), int(d["patch_size"]), d.get("weights"), d.get("weights_sha256")
+            d["name"],
+            int(d["image_size"]),
+            int(d["patch_size"]),
+            d.get("weights"),
+            d.get("weights_sha256"),
+            None if layer is None else int(layer),
+            bool(d.get("final_norm", True)),
         )
 
 
@@ -136,7 +160,8 @@ def load_state_dict(url: str) -> dict[str, torch.Tensor]:
 
 
 class TimmExtractor:
-    """Patch tokens of the last block (after the final norm) of any timm ViT, prefix tokens removed."""
+    """Patch tokens of any timm ViT, prefix tokens removed: of the last block after the final norm, or of block
+    `spec.layer` (the forward pass stops there, so early layers cost less), with the final norm or without."""
 
     def __init__(self, spec: ExtractorSpec, device: str = "cpu", any_size: bool = False):
         import timm
@@ -170,6 +195,14 @@ class TimmExtractor:
                 spec.model_name,
                 RANDOM_INIT_SEED,
             )
+        depth = len(getattr(model, "blocks", ()))
+        if spec.layer is not None and not -depth <= spec.layer < depth:
+            raise ConfigError(
+                f"timm model {spec.model_name!r} has {depth} blocks: layer must be in [{-depth}, {depth})"
+            )
+        self.layer = None if spec.layer is None else spec.layer % depth  # the block index, counted from 0
+        if self.layer is None and not spec.final_norm:
+            self.layer = depth - 1
         self.model = model.eval().to(self.device)
         self.dim = model.num_features
 
@@ -197,8 +230,18 @@ class TimmExtractor:
     def __call__(self, views: np.ndarray) -> torch.Tensor:
         x = normalize(torch.from_numpy(views).to(self.device))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            tokens = self.model.forward_features(x)  # [B, prefix + L, D]
-        return tokens[:, self.model.num_prefix_tokens :].float().cpu()  # [B, L, D]
+            if self.layer is None:
+                tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens :]  # [B, L, D]
+            else:  # timm's own intermediate output, blocks after `layer` never run
+                (tokens,) = self.model.forward_intermediates(
+                    x,
+                    indices=[self.layer],
+                    norm=self.spec.final_norm,
+                    stop_early=True,
+                    output_fmt="NLC",
+                    intermediates_only=True,
+                )  # [B, L, D], prefix tokens removed
+        return tokens.float().cpu()  # [B, L, D]
 
 
 def build_extractor(

@@ -7,6 +7,8 @@ built from a weights file, the same file (checked by sha256) is required.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from kmim import fs
@@ -46,7 +48,7 @@ def codebook_extractor(meta: dict, weights: str | None, where: str) -> Extractor
             f"is not the weights file this codebook was built with (sha256 {actual[:12]}… "
             f"vs {recorded.weights_sha256[:12]}…)",
         )
-    return ExtractorSpec(recorded.name, recorded.image_size, recorded.patch_size, path, actual)
+    return dataclasses.replace(recorded, weights=path, weights_sha256=actual)  # layer and norm kept
 
 
 class Tokenizer:

@@ -31,6 +31,16 @@ class ExtractConfig(Config):
         help="timm weights: local path or fsspec URL (.safetensors, .pth); enters the "
         "fingerprint by its sha256, not its path.",
     )
+    layer: int | None = output_field(
+        None,
+        folded=True,
+        added=True,
+        help="timm: features of this block (0-based; negative from the end, -1 the last); the forward pass "
+        "stops there. Default: the last block.",
+    )
+    final_norm: bool = output_field(
+        True, folded=True, added=True, help="timm: apply the model's final norm to the features."
+    )
     image_size: int = output_field(224, help="Side of view 0 (Resize + CenterCrop).", ge=1)
     patch_size: int = output_field(16, help="Patch side in pixels.", ge=1)
     crop_pct: float = output_field(
@@ -52,7 +62,9 @@ class ExtractConfig(Config):
         ViewSpec(self.image_size, self.crop_pct)
 
     def extractor_spec(self) -> ExtractorSpec:
-        return ExtractorSpec(self.extractor, self.image_size, self.patch_size, self.weights)
+        return ExtractorSpec(
+            self.extractor, self.image_size, self.patch_size, self.weights, None, self.layer, self.final_norm
+        )
 
     def fingerprint_extra(self) -> dict:
         """The extractor as the stage records it: name, sizes, weights path and sha256 (the fingerprint counts
