@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kmim import fs
+from kmim.atlas import classes_png, usage_png
 from kmim.contract.codebook import Codebook
 from kmim.contract.grid import GRID_FORMAT_VERSION, make_renders, render_image
 from kmim.contract.manifest import digest
@@ -285,6 +286,12 @@ def tokenize(
         )
         report = build_report(cooc, codes, book, config.tcas_form, sum(s.samples for s in stats.values()))
         fs.write_bytes_atomic(fs.join(output, "tcas_R.npy"), encode_npy(cooc))
+        # the atlas plots of these very tokens (view 0 of every image): usage, and R̄ with TCAS when labelled
+        fs.write_bytes_atomic(fs.join(output, "atlas-usage.png"), usage_png(codes))
+        if report.get("tcas"):
+            fs.write_bytes_atomic(
+                fs.join(output, "atlas-classes.png"), classes_png(cooc, report["tcas"]["tcas"])
+            )
         fs.write_json_atomic(fs.join(output, REPORT), report)
         outputs = [stats[s.name].output for s in dataset.shards]
         write_indexes(

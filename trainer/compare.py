@@ -21,6 +21,12 @@ def _tokens_manifest(train: str) -> StageManifest | None:
     return m if m is not None and m.stage == "tokenize" else None
 
 
+def _atlas_links(train: str) -> list[str]:
+    """The token atlas plots the tokenize stage drew beside its report (kmim/atlas.py)."""
+    root = fs.dirname(train) if train.endswith(".json") else train
+    return [fs.join(root, n) for n in ("atlas-usage.png", "atlas-classes.png") if fs.exists(fs.join(root, n))]
+
+
 def collect(run_dir: str) -> dict:
     config_url = fs.join(run_dir, "config.json")
     if not fs.exists(config_url):
@@ -36,6 +42,7 @@ def collect(run_dir: str) -> dict:
         "seed": cfg["seed"],
         "k": tokens.config["k"] if tokens and cfg["model"]["target"] != "pixel" else None,
         "tcas": tokens.stats.get("tcas") if tokens and cfg["model"]["target"] != "pixel" else None,
+        "atlas": _atlas_links(cfg["data"]["train"]) if tokens and cfg["model"]["target"] != "pixel" else [],
     }
     for protocol in PROTOCOLS:
         url = fs.join(run_dir, f"eval-{protocol}.json")
@@ -58,14 +65,15 @@ def markdown_table(rows: list[dict]) -> str:
         return "–" if value is None else fmt.format(value)
 
     lines = [
-        "| run | target | K | TCAS | k-NN top-1 | linear top-1 | fine-tune top-1 | final loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | target | K | TCAS | k-NN top-1 | linear top-1 | fine-tune top-1 | final loss | token atlas |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['target']} | {cell(r['k'])} | {cell(r['tcas'], '{:.4f}')} | "
             f"{cell(r['knn'] and 100 * r['knn'], '{:.2f} %')} | {cell(r['linear'] and 100 * r['linear'], '{:.2f} %')} | "
-            f"{cell(r['finetune'] and 100 * r['finetune'], '{:.2f} %')} | {cell(r['final_loss'], '{:.4f}')} |"
+            f"{cell(r['finetune'] and 100 * r['finetune'], '{:.2f} %')} | {cell(r['final_loss'], '{:.4f}')} | "
+            f"{' · '.join(f'[{fs.basename(u)[6:-4]}]({u})' for u in r.get('atlas') or []) or '–'} |"
         )
     return "\n".join(lines)
 

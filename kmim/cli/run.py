@@ -63,8 +63,28 @@ def ls(root: str = typer.Option("out", help="The root `kmim run` wrote to.")) ->
     typer.echo(render_ls(list_artifacts(root)))
 
 
-def show(path: str = typer.Argument(..., help="An artifact folder (see `kmim ls`).")) -> None:
-    """A stage's lineage, manifest and stats as JSON."""
+def show(
+    path: str = typer.Argument(..., help="An artifact folder (see `kmim ls`)."),
+    plots: Optional[str] = typer.Option(
+        None,
+        "--plots",
+        help="A codebook (cluster output): draw its token atlas into this folder (atlas-patches.png, "
+        "atlas-usage.png, atlas-classes.png, atlas.json).",
+    ),
+    features: Optional[str] = typer.Option(
+        None, help="With --plots: the extract output to draw from (default: the one it was clustered from)."
+    ),
+) -> None:
+    """A stage's lineage, manifest and stats as JSON; with --plots, a codebook's token atlas."""
     from kmim.lineage.catalog import show as describe
 
     typer.echo(json.dumps(describe(path), indent=2))
+    if plots:
+        from kmim.atlas import atlas
+
+        doc = atlas(path, plots, features)
+        tcas_text = f", TCAS {doc['tcas']['tcas']:.4f}" if doc.get("tcas") else ""
+        typer.echo(
+            f"atlas: {', '.join(doc['files'].values())} in {plots} ({doc['rows']} patches of {doc['features']}"
+            f"{tcas_text})"
+        )

@@ -82,3 +82,8 @@ def test_the_codebook_carries_the_layer_to_tokenize(digits_dir, ray_local, tmp_p
     np.testing.assert_array_equal(tokenizer(VIEWS), want)
     last = Tokenizer(book, ExtractorSpec("timm:test_vit", 48, 16))  # the last block's features, same centers
     assert not np.array_equal(last(VIEWS), want)
+    # the atlas of a ViT codebook cuts each typical patch from view 0 of its source image
+    from kmim.atlas import atlas
+
+    doc = atlas(str(tmp_path / "codebook"), str(tmp_path / "atlas"), codes_shown=4, per_code=2)
+    assert doc["codes_shown"] and (tmp_path / "atlas" / "atlas-patches.png").stat().st_size > 1000

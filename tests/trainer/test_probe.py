@@ -115,6 +115,11 @@ def test_compare_renders_a_table_and_png_plots(digits_tokens, digits_dir, tmp_pa
     tokens_row, pixel_row = lines[2].split("|"), lines[3].split("|")
     assert tokens_row[2].strip() == "tokens" and tokens_row[3].strip() == "16" and "%" in tokens_row[5]
     assert pixel_row[2].strip() == "pixel" and pixel_row[3].strip() == "–"
+    # the token run links the atlas plots its tokenize stage drew; the pixel run has none
+    assert (
+        "[usage](" in tokens_row[9] and "atlas-usage.png)" in tokens_row[9] and "[classes](" in tokens_row[9]
+    )
+    assert pixel_row[9].strip() == "–"
     for png in ("loss_curves.png", "accuracy.png"):
         data = (tmp_path / "cmp" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
