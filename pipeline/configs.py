@@ -24,7 +24,12 @@ DTYPES = ("float16", "float32")
 
 @dataclass(frozen=True)
 class ExtractConfig(Config):
-    extractor: str = output_field("pixel", folded=True, help="'pixel' or 'timm:MODEL' (any timm ViT).")
+    extractor: str = output_field(
+        "pixel",
+        folded=True,
+        help="'pixel', 'timm:MODEL' (any timm ViT), or 'run:RUN_DIR' (the encoder of a finished `kmim train` "
+        "run, exported to RUN_DIR/encoder.safetensors and fingerprinted by its sha256).",
+    )
     weights: str | None = output_field(
         None,
         folded=True,
@@ -62,8 +67,17 @@ class ExtractConfig(Config):
         ViewSpec(self.image_size, self.crop_pct)
 
     def extractor_spec(self) -> ExtractorSpec:
+        name, weights = self.extractor, self.weights
+        if name.startswith("run:"):  # our own encoder: a finished `kmim train` run, by its weights' content
+            from kmim.trainer.export import run_extractor
+
+            if weights:
+                raise ConfigError(
+                    f"--weights does not go with --extractor {name}: the run's encoder is the weights"
+                )
+            name, weights = run_extractor(name[4:])
         return ExtractorSpec(
-            self.extractor, self.image_size, self.patch_size, self.weights, None, self.layer, self.final_norm
+            name, self.image_size, self.patch_size, weights, None, self.layer, self.final_norm
         )
 
     def fingerprint_extra(self) -> dict:

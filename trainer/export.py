@@ -17,7 +17,9 @@ from kmim.trainer.config import config_from_json
 from kmim.trainer.model import build_encoder
 
 
-def export_encoder(run_dir: str, out: str) -> dict:
+def export_encoder(run_dir: str, out: str, record_run: bool = True) -> dict:
+    """record_run=False leaves the run's path out of the file's metadata: the same run gives the same bytes
+    wherever it lives (its sha256 is what fingerprints an extractor made from it)."""
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise InputError(run_dir, "no checkpoint-*.pt: not a `kmim train` run folder")
@@ -37,8 +39,9 @@ def export_encoder(run_dir: str, out: str) -> dict:
         "patch_size": str(cfg.model.patch_size),
         "target": cfg.model.target,
         "step": str(step),
-        "run": run_dir,
     }
+    if record_run:
+        meta["run"] = run_dir
     fs.write_bytes_atomic(out, save(weights, metadata=meta))
     return {
         "out": out,
@@ -47,3 +50,20 @@ def export_encoder(run_dir: str, out: str) -> dict:
         "step": step,
         "image_size": cfg.model.image_size,
     }
+
+
+RUN_PREFIX = "run:"
+RUN_ENCODER = "encoder.safetensors"
+
+
+def run_extractor(run_dir: str) -> tuple[str, str]:
+    """`--extractor run:RUN_DIR`: (the timm extractor name, its weights file) of a finished `kmim train` run,
+    its encoder exported once to RUN_DIR/encoder.safetensors (no path inside, so the bytes, and with them the
+    extractor's fingerprint, depend on the weights alone)."""
+    if not fs.exists(fs.join(run_dir, "train_summary.json")):
+        raise InputError(run_dir, "not a finished `kmim train` run (no train_summary.json): finish it first")
+    cfg = config_from_json(fs.read_json(fs.join(run_dir, "config.json")))
+    out = fs.join(run_dir, RUN_ENCODER)
+    if not fs.exists(out):
+        export_encoder(run_dir, out, record_run=False)
+    return f"timm:{cfg.model.encoder}", out

@@ -87,3 +87,59 @@ def test_the_codebook_carries_the_layer_to_tokenize(digits_dir, ray_local, tmp_p
 
     doc = atlas(str(tmp_path / "codebook"), str(tmp_path / "atlas"), codes_shown=4, per_code=2)
     assert doc["codes_shown"] and (tmp_path / "atlas" / "atlas-patches.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_finished_kmim_run_is_an_extractor_fingerprinted_by_its_weights(digits_tokens, tmp_path):
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    import timm
+
+    from kmim.trainer.config import load_config
+    from kmim.trainer.train import train
+
+    recipe = str(Path(__file__).resolve().parents[2] / "manifests" / "recipes" / "digits-tiny.yaml")
+    run = tmp_path / "mae"
+    with pytest.raises(Exception, match="not a finished `kmim train` run"):
+        ExtractConfig(extractor=f"run:{run}", image_size=32, patch_size=4)
+    overrides = [f"data.train={digits_tokens / 'tokens' / 'train.shards.json'}", f"output={run}"]
+    overrides += [
+        "model.target=pixel",
+        "optim.epochs=1",
+        "data.samples_per_epoch=128",
+        "data.loader_workers=0",
+    ]
+    train(load_config(recipe, overrides))
+    spec = ExtractConfig(extractor=f"run:{run}", image_size=32, patch_size=4, layer=-2).extractor_spec()
+    spec = spec.with_weights_hash()
+    weights = run / "encoder.safetensors"
+    assert spec.name == "timm:vit_micro_patch4_32" and spec.weights == str(weights) and spec.layer == -2
+    assert spec.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    moved = tmp_path / "elsewhere" / "mae"
+    shutil.copytree(run, moved)
+    (moved / "encoder.safetensors").unlink()  # exported again from the moved run: the same bytes
+    again = ExtractConfig(extractor=f"run:{moved}", image_size=32, patch_size=4, layer=-2).extractor_spec()
+    assert again.with_weights_hash().fingerprint == spec.fingerprint
+    # the features are the trained encoder's, not a random init's
+    views = np.random.default_rng(1).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    got = build_extractor(spec)(views)
+    model = timm.create_model(
+        "vit_micro_patch4_32", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(weights))
+    ).eval()
+    from kmim.contract.views import normalize
+
+    with torch.inference_mode():
+        (want,) = model.forward_intermediates(
+            normalize(torch.from_numpy(views)),
+            indices=[len(model.blocks) - 2],
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+        )
+    torch.testing.assert_close(got, want)
+    random_init = build_extractor(ExtractorSpec("timm:vit_micro_patch4_32", 32, 4, layer=-2))(views)
+    assert not torch.allclose(got, random_init)
+    with pytest.raises(ConfigError, match="--weights does not go with"):
+        ExtractConfig(extractor=f"run:{run}", weights=str(weights), image_size=32, patch_size=4)

@@ -33,6 +33,7 @@ LEGACY = [
     ("kmeans_sample", (5, 6), [5, 101, 6], [51972486, 77308334, 1142296171]),
     ("kmeans_oversample", (5, 1, 6), [5, 202, 1, 6], [312019149, 1336802801, 1103136302]),
     ("view_cycle", (5, 1, KH), [5, 19, 1, KH], [371277958, 1510386067, 1200409013]),  # new in 0.2
+    ("grid_window", (5, 2, KH), [5, 23, 2, KH], [1220802148, 1649011874, 1913569730]),  # new: grid views
     ("shard_order", (5, 2), [5, 11, 2], [1321845893, 971197850, 1226260605]),
     ("shard_cycle", (5, 2, 1, 3, 4), [5, 13, 2, 1, 3, 4], [511247243, 522380553, 659132962]),
     ("shuffle_buffer", (5, 2, 4, 3), [5, 17, 2, 4, 3], [78159522, 1938128933, 1682032112]),
@@ -60,7 +61,7 @@ def test_names_and_salts_are_unique_and_the_table_is_frozen():
     assert len(set(salts)) == len(salts)
     fixed = [s.fixed for s in rows if s.form == "fixed"]
     assert len(set(fixed)) == len(fixed)
-    assert {s.salt for s in rows} - {None} == {1, 3, 4, 11, 13, 17, 19, 0x5A, 101, 202, 1_000_003}
+    assert {s.salt for s in rows} - {None} == {1, 3, 4, 11, 13, 17, 19, 23, 0x5A, 101, 202, 1_000_003}
     with pytest.raises(TypeError):
         STREAMS["new"] = rows[0]  # type: ignore[index]
     with pytest.raises(dataclasses.FrozenInstanceError):
