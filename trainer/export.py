@@ -11,6 +11,7 @@ import json
 from safetensors.torch import save
 
 from kmim import fs
+from kmim.contract.schemas import canonical_safetensors
 from kmim.errors import InputError
 from kmim.trainer.checkpoint import list_checkpoints, load_checkpoint
 from kmim.trainer.config import config_from_json
@@ -42,7 +43,7 @@ def export_encoder(run_dir: str, out: str, record_run: bool = True) -> dict:
     }
     if record_run:
         meta["run"] = run_dir
-    fs.write_bytes_atomic(out, save(weights, metadata=meta))
+    fs.write_bytes_atomic(out, canonical_safetensors(save(weights, metadata=meta)))  # same run, same bytes
     return {
         "out": out,
         "encoder": cfg.model.encoder,

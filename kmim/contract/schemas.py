@@ -130,6 +130,20 @@ def safetensors_metadata(raw: bytes) -> dict[str, str]:
     return json.loads(raw[8 : 8 + length]).get("__metadata__", {}) or {}
 
 
+def canonical_safetensors(raw: bytes) -> bytes:
+    """The same safetensors file with its header's keys sorted: safetensors writes `__metadata__` from a Rust
+    HashMap, whose order changes from call to call, so two saves of the same tensors and metadata differ in
+    bytes (and sha256) unless rewritten so. Tensor data and offsets are untouched; the header is padded with
+    spaces to a multiple of 8 bytes, as safetensors itself does."""
+    import json
+
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + length :]
+
+
 CODEBOOK_WEIGHTS = "codebook.safetensors"
 CODEBOOK_META = "codebook.json"
 
